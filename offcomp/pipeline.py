@@ -1,0 +1,158 @@
+"""One library function per CLI subcommand: load, run, record. The CLI only parses and prints."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import adapter_for
+from .api import compress_, count_params, plan_units
+from .checkpoint import prepare_out_dir, save_compressed, versions
+from .errors import OffcompError
+from .models import ModelBundle, load_model
+from .plan import Group, Plan
+from .progress import ProgressFn, no_progress
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+RESULTS = "results.jsonl"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise OffcompError(f"unknown dtype {name!r}; use fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise OffcompError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OffcompError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def quick_plan(model_type: str, method: str, *, rank: int | None = None, ratio: float | None = None,
+               cr: float | None = None, modules: list[str] | None = None, layers: str = "all",
+               joint: bool = False, options: dict[str, Any] | None = None) -> Plan:
+    """The one-group plan behind `offcomp compress --method M --rank R`: by default every linear
+    layer of the transformer blocks (all roles), never the embeddings or the LM head."""
+    mods = modules or sorted(adapter_for(model_type).roles)
+    try:
+        group = Group(name=f"{method}", modules=mods, layers=layers, joint=joint, method=method,
+                      options=options or {}, rank=rank, ratio=ratio, cr=cr)
+    except ValueError as e:
+        msg = str(e).splitlines()
+        raise OffcompError(f"bad compress options: {msg[2].strip() if len(msg) > 2 else msg[0]}") from None
+    return Plan(groups=[group])
+
+
+def compress_model(
+    model: str,
+    plan: Plan,
+    out: str | Path | None,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    trust_remote_code: bool = False,
+    plan_source: str | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Compress a named model by a plan and save the checkpoint; returns the manifest."""
+    if out is not None and not dry_run:
+        prepare_out_dir(out, overwrite)
+    dev = parse_device(device)
+    bundle = load_model(model, trust_remote_code=trust_remote_code)
+    if dry_run:
+        return {"dry_run": True, "model": bundle.protocol(), "units": [
+            {"label": p.unit.label, "method": p.method.name, "names": p.unit.names, "joint": p.unit.joint,
+             "hyper": p.hyper, "original_params": p.unit.original_params, "stored_params": p.stored_params}
+            for p in plan_units(bundle.model, plan, stats)]}
+    if out is None:
+        raise OffcompError("compress needs --out DIR (or --dry-run)")
+    torch.manual_seed(seed)
+    report = compress_(bundle.model, plan, stats=stats, device=dev, seed=seed, progress=progress)
+    bundle.model.to("cpu")
+    manifest = {
+        "base": {"name": bundle.name, "source": bundle.source, "sha256": bundle.sha256},
+        "head": bundle.head, "kind": bundle.kind, "seed": seed, "plan_source": plan_source,
+        "plan": plan.model_dump(), "report": report.to_dict(),
+    }
+    save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite)
+    return {"out": str(out), **manifest, "versions": versions()}
+
+
+def results_path(bundle: ModelBundle, results: str | Path | None) -> Path:
+    if results is not None:
+        return Path(results)
+    if bundle.manifest is not None:
+        return Path(bundle.source) / RESULTS
+    return Path("runs") / "base" / re.sub(r"[^A-Za-z0-9_.-]+", "_", bundle.name) / RESULTS
+
+
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def model_record(bundle: ModelBundle) -> dict[str, Any]:
+    """Model identity and parameter counts, for every result record."""
+    rec: dict[str, Any] = {"model": bundle.protocol()}
+    if bundle.manifest is not None:
+        rep = bundle.manifest["report"]
+        rec["params_before"], rec["params_after"] = rep["params_before"], rep["params_after"]
+        rec["methods"] = sorted({u["method"] for u in rep["units"]})
+        rec["plan_source"] = bundle.manifest.get("plan_source")
+        rec["compress_seconds"] = rep["seconds"]
+    else:
+        rec["params_before"] = rec["params_after"] = count_params(bundle.model)
+    return rec
+
+
+def evaluate_ppl(
+    model: str,
+    data: str = "embedded",
+    *,
+    split: str = "test",
+    seq_len: int = 1024,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    seed: int = 0,
+    results: str | Path | None = None,
+    trust_remote_code: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Perplexity of a base model or compressed directory; the record is appended to results.jsonl."""
+    from .data import load_text
+    from .eval.ppl import perplexity
+
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    source = load_text(data, split=split)
+    bundle = load_model(model, device=dev, dtype=dt, trust_remote_code=trust_remote_code)
+    kind = {"causal": "causal", "masked": "masked"}.get(bundle.kind)
+    if kind is None:
+        raise OffcompError(
+            f"{model} has no language-model head ({bundle.head}); perplexity needs a causal or masked LM"
+        )
+    t = time.perf_counter()
+    res = perplexity(bundle.model, bundle.tokenizer, source, kind=kind, seq_len=seq_len, stride=stride,
+                     max_tokens=max_tokens, batch_size=batch_size, device=dev, dtype=dt, seed=seed,
+                     progress=progress or no_progress)
+    record = {"type": "ppl", **model_record(bundle), **res, "seconds": time.perf_counter() - t,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions()}
+    append_result(results_path(bundle, results), record)
+    return record

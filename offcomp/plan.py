@@ -1,0 +1,205 @@
+"""Compression plans: which modules, grouped how, compressed by which method to which budget.
+
+A plan is data (pydantic, loaded from YAML or JSON) and `expand_plan` is a pure function that turns
+it into sorted concrete module names before any tensor is touched, so every mistake in a plan is
+reported up front, naming the group.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import OffcompError
+
+
+class Group(BaseModel):
+    """One set of modules that share a method and a budget.
+
+    `joint: true` compresses all the group's matrices as one (stacked across layers with shared
+    factors); otherwise each matrix is compressed on its own at the group's budget.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    modules: list[str] = Field(min_length=1, description="roles (attn.k, mlp.up), name suffixes or re:regex")
+    layers: str | list[int] = Field("all", description='"all", "0-11", "0-3,8" or a list of indices')
+    exclude: list[str] = Field(default_factory=list)
+    joint: bool = False
+    method: str = "svd"
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
+    rank: int | list[int] | None = None
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of the group's parameters kept")
+    cr: float | None = Field(None, gt=1, description="compression factor original/stored")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Group:
+        given = [k for k in ("rank", "ratio", "cr") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of rank, ratio, cr (got {', '.join(given) or 'none'})")
+        return self
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, v: int | list[int] | None) -> int | list[int] | None:
+        ranks = v if isinstance(v, list) else [v] if v is not None else []
+        if any(r <= 0 for r in ranks):
+            raise ValueError("rank must be positive")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, v: str | list[int]) -> str | list[int]:
+        parse_layers(v)  # raises ValueError on a malformed spec
+        return v
+
+    def budget(self) -> Budget:
+        if self.rank is not None:
+            return Budget("rank", self.rank)
+        if self.ratio is not None:
+            return Budget("ratio", self.ratio)
+        return Budget("cr", self.cr)  # type: ignore[arg-type]
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    groups: list[Group] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: Literal["rank", "ratio", "cr"]
+    value: Any
+
+    def target_params(self, original: int) -> int:
+        """Stored-parameter target for `original` parameters (ratio/cr budgets only)."""
+        frac = self.value if self.kind == "ratio" else 1.0 / self.value
+        return int(original * frac)
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value}"
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the planner needs to know of a compressible module (built from the torch model)."""
+
+    name: str
+    kind: Literal["linear", "embedding"]
+    shape: tuple[int, int]  # weight shape: (out, in) for linear, (num, dim) for embedding
+    layer: int | None
+    role: str | None
+
+
+@dataclass(frozen=True)
+class ExpandedGroup:
+    index: int
+    label: str
+    group: Group
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    kinds: list[str]
+
+
+def parse_layers(spec: str | list[int]) -> set[int] | None:
+    """`"all"` → None (no filter); `"0-3,8"` → {0, 1, 2, 3, 8}; a list → that set."""
+    if isinstance(spec, list):
+        if any(i < 0 for i in spec):
+            raise ValueError("layer indices must be >= 0")
+        return set(spec)
+    s = spec.strip().lower()
+    if s == "all":
+        return None
+    out: set[int] = set()
+    for part in s.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise ValueError(f'bad layer range {spec!r}: use "all", "0-11", "0-3,8" or a list')
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"bad layer range {part.strip()!r}: end before start")
+        out.update(range(lo, hi + 1))
+    return out
+
+
+def load_plan(path: str | Path) -> Plan:
+    p = Path(path)
+    if not p.is_file():
+        raise OffcompError(f"plan file not found: {p} (see sample_plans/ for examples)")
+    try:
+        raw = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise OffcompError(f"cannot parse plan {p}: {str(e).splitlines()[0]}") from None
+    return parse_plan(raw, source=str(p))
+
+
+def parse_plan(raw: Any, source: str = "plan") -> Plan:
+    try:
+        return Plan.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise OffcompError(f"invalid plan {source}: {loc}: {err['msg']}{more}") from None
+
+
+def _matches(entry: str, info: ModuleInfo, roles: dict[str, str]) -> bool:
+    if entry.startswith("re:"):
+        return re.fullmatch(entry[3:], info.name) is not None
+    if entry == info.role:
+        return True
+    suffix = roles.get(entry, entry)
+    return info.name == suffix or info.name.endswith("." + suffix)
+
+
+def expand_plan(plan: Plan, modules: list[ModuleInfo], roles: dict[str, str]) -> list[ExpandedGroup]:
+    """Resolve every group to sorted concrete module names; errors name the group at fault."""
+    owner: dict[str, str] = {}
+    n_layers = 1 + max((m.layer for m in modules if m.layer is not None), default=-1)
+    out = []
+    for i, g in enumerate(plan.groups):
+        label = g.name or f"group{i}"
+        wanted = parse_layers(g.layers)
+        if wanted is not None and max(wanted) >= n_layers:
+            raise OffcompError(
+                f"group {label!r}: layers {g.layers!r} go beyond the model's {n_layers} layers (0-{n_layers - 1})"
+            )
+        picked = [
+            m
+            for m in modules
+            if any(_matches(e, m, roles) for e in g.modules)
+            and not any(_matches(e, m, roles) for e in g.exclude)
+            and (wanted is None or m.layer in wanted)
+        ]
+        if not picked:
+            names = [m.name for m in modules]
+            close = difflib.get_close_matches(g.modules[0], names, n=3, cutoff=0.3) or names[:3]
+            raise OffcompError(
+                f"group {label!r}: modules {g.modules} match nothing"
+                f"{' in layers ' + str(g.layers) if wanted is not None else ''}; "
+                f"roles are {', '.join(sorted(roles))}; close names: {', '.join(close)}"
+            )
+        picked.sort(key=lambda m: (m.layer if m.layer is not None else -1, g_order(g, m, roles), m.name))
+        for m in picked:
+            if m.name in owner:
+                raise OffcompError(f"group {label!r}: {m.name} is already in group {owner[m.name]!r}")
+            owner[m.name] = label
+        out.append(
+            ExpandedGroup(i, label, g, [m.name for m in picked], [m.shape for m in picked], [m.kind for m in picked])
+        )
+    return out
+
+
+def g_order(g: Group, m: ModuleInfo, roles: dict[str, str]) -> int:
+    """Within a layer, keep the order in which the plan lists the modules (q before k before v)."""
+    return next(i for i, e in enumerate(g.modules) if _matches(e, m, roles))
