@@ -165,7 +165,11 @@ def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | N
     rename = _renamer(manifest.get("base_prefix"), _prefixed(model))
     skipped = rebuild_units(model, manifest["report"]["units"], rename)
     state = {rename(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch: the tensors do not fit the manifest's structure
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise OffcompError(f"{path}/{WEIGHTS} does not match its manifest ({detail[:160]})") from None
     # Names of a shared tensor are saved once; the others are filled through the shared object.
     alias: dict[int, list[str]] = {}
     for k, v in model.state_dict(keep_vars=True).items():
@@ -192,6 +196,7 @@ def export_dense(src: str | Path, out: str | Path, overwrite: bool = False) -> P
     """Write a plain Hugging Face checkpoint with every compressed module multiplied back out."""
     from .models import load_model
 
+    read_manifest(src)
     out = prepare_out_dir(out, overwrite)
     bundle = load_model(str(src))
     model = bundle.model

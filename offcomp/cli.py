@@ -32,9 +32,27 @@ Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N")]
 Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object (the result) on stdout")]
 
 
+def _quiet_libraries() -> None:
+    """transformers' own tqdm bars and advisory warnings would bury our progress and errors."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except OffcompError as e:

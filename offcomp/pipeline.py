@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from .adapters import adapter_for
 from .api import compress_, count_params, plan_units
@@ -48,9 +49,9 @@ def quick_plan(model_type: str, method: str, *, rank: int | None = None, ratio: 
     try:
         group = Group(name=f"{method}", modules=mods, layers=layers, joint=joint, method=method,
                       options=options or {}, rank=rank, ratio=ratio, cr=cr)
-    except ValueError as e:
-        msg = str(e).splitlines()
-        raise OffcompError(f"bad compress options: {msg[2].strip() if len(msg) > 2 else msg[0]}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise OffcompError(f"bad compress options: {err['msg'].removeprefix('Value error, ')}") from None
     return Plan(groups=[group])
 
 

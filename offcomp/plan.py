@@ -150,7 +150,8 @@ def parse_plan(raw: Any, source: str = "plan") -> Plan:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise OffcompError(f"invalid plan {source}: {loc}: {err['msg']}{more}") from None
+        msg = err['msg'].removeprefix('Value error, ')
+        raise OffcompError(f"invalid plan {source}: {loc}: {msg}{more}") from None
 
 
 def _matches(entry: str, info: ModuleInfo, roles: dict[str, str]) -> bool:
