@@ -1,0 +1,360 @@
+"""Perplexity of causal and masked language models, with the whole protocol in the result.
+
+Two protocols, because a PPL number means nothing without the exact recipe behind it:
+
+causal (GPTQ / SparseGPT / HF perplexity guide)
+    The rows are joined with ``"\\n\\n"`` (`offcomp.data.causal_text`) and tokenized once. The
+    stream starts with BOS only if the tokenizer adds one by default (Llama/Mistral style), which is
+    exactly what ``tokenizer(text)`` does in the HF guide and in GPTQ; no EOS/SEP is added. For
+    GPT-2/SmolLM2 tokenizers nothing is added. Reference, SmolLM2-135M-Instruct (GGUF Q4_1, fp32)
+    on the first 16 x 1024 tokens of wiki.test.raw: 22.88 as implemented here; a BOS prepended
+    to every window gives 22.94 (<|im_start|>) or 23.15 (<|endoftext|>); tokenizing the raw file
+    verbatim instead of the joined rows (llama.cpp style) gives 22.75.
+    The stream is cut into full windows of `seq_len`; the ragged tail is dropped. With
+    ``stride == seq_len`` (default) the windows do not overlap and every token but each window's
+    first is scored. With ``stride < seq_len`` this is the HF
+    sliding-window protocol: window k starts at ``k * stride``, and after the first window only its
+    last `stride` tokens are scored, so each scored token sees ``seq_len - stride`` tokens of
+    context from before. PPL = exp(token-mean NLL over every scored token).
+
+masked (Banaei et al., EACL 2023)
+    Line by line: blank rows and WikiText headings (`` = Title = ``) are dropped, each line is
+    tokenized with its [CLS]/[SEP] and truncated to ``min(seq_len, 512)`` tokens, and lines with
+    fewer than 20 word-piece tokens (specials excluded) are dropped. 15 % of a line's tokens are
+    chosen as whole words (fast tokenizer `word_ids`), the way HF's `DataCollatorForWholeWordMask`
+    does it, and replaced BERT-style 80/10/10 ([MASK] / random token / unchanged), as BERT
+    pre-training and HF's MLM collators do (the paper's recipe builds on them). The random choices of line i come from a
+    NumPy generator seeded with ``(seed, i)``, so masks depend only on text, tokenizer and seed:
+    every model sees the same masks (checked via ``inputs_sha256``), and trimming `max_tokens`
+    does not reshuffle the lines kept. PPL = exp(mean loss over the chosen tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from offcomp.data import TextSource, causal_text
+from offcomp.errors import OffcompError
+from offcomp.progress import ProgressFn
+
+Kind = Literal["causal", "masked"]
+
+MLM_PROBABILITY = 0.15
+MLM_MAX_LEN = 512
+MLM_MIN_TOKENS = 20
+MLM_REPLACE = "bert-80-10-10"
+_HEADING = re.compile(r"^\s*(=\s+)+\S.*?(\s+=)+\s*$")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Accept a torch dtype or a CLI spelling (fp32, bf16, fp16, float32, ...)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise OffcompError(f"unsupported dtype {dtype}: use float32, bfloat16 or float16")
+        return dtype
+    if dtype.lower() not in _DTYPES:
+        raise OffcompError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype.lower()]
+
+
+def lm_kind(model: torch.nn.Module) -> Kind:
+    """Which protocol a model can be scored with, from its head class; OffcompError if none."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    name = type(model).__name__
+    if name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal"
+    if name in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) or name.endswith("ForMaskedLM"):
+        return "masked"
+    raise OffcompError(
+        f"{name} has no language-modelling head, so it has no perplexity: load it as a "
+        "*ForCausalLM or *ForMaskedLM (an encoder such as all-MiniLM-L6-v2 is evaluated on GLUE instead)"
+    )
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    source: TextSource,
+    *,
+    kind: Kind | None = None,
+    seq_len: int = 1024,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Score `model` on `source` and return a JSON-able dict: ppl, nll, counts and the protocol.
+
+    `kind` defaults to what the model's head supports. `dtype` is the compute precision: if the
+    weights are float32 and a 16-bit dtype is asked for, the forward runs under autocast, which
+    leaves the caller's model untouched (and works on models flagged as quantized, e.g. GGUF
+    loads). The model is moved to `device` if it is elsewhere, and put in eval mode for the run
+    (its training flag is restored after).
+    For masked models `seq_len` caps the line length (at most 512, the protocol's limit) and
+    `stride` does not apply. `max_tokens` keeps only the first tokens (whole windows / whole lines).
+    """
+    detected = lm_kind(model)
+    kind = kind or detected
+    if kind not in ("causal", "masked"):
+        raise OffcompError(f"unknown kind {kind!r}: use causal or masked")
+    if kind != detected:
+        raise OffcompError(f"{type(model).__name__} is a {detected} LM and cannot be scored as {kind}")
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    _check_ints(seq_len=seq_len, batch_size=batch_size, stride=stride, max_tokens=max_tokens)
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if kind == "causal":
+        stride = seq_len if stride is None else stride
+        if stride > seq_len:
+            raise OffcompError(f"stride {stride} > seq_len {seq_len}: use a stride of at most seq_len")
+        if max_pos is not None and seq_len > max_pos:
+            raise OffcompError(f"seq_len {seq_len} exceeds the model's {max_pos} positions: lower --seq-len")
+    elif stride is not None:
+        raise OffcompError("stride applies to causal models only: drop --stride for a masked LM")
+
+    if next(model.parameters()).device != device:
+        model.to(device)
+    weight_dtype = next(model.parameters()).dtype
+    if weight_dtype == dtype:
+        precision, ctx = "native", nullcontext
+    elif weight_dtype == torch.float32:
+        precision = "autocast"
+
+        def ctx() -> Any:
+            return torch.autocast(device_type=device.type, dtype=dtype)
+
+    else:
+        raise OffcompError(f"model weights are {weight_dtype}; evaluate with --dtype {_name(weight_dtype)}")
+
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(), ctx():
+            if kind == "causal":
+                stats = _causal(model, tokenizer, source, seq_len, stride, max_tokens, batch_size, device,
+                                progress)
+            else:
+                max_len = min(seq_len, MLM_MAX_LEN) if max_pos is None else min(seq_len, MLM_MAX_LEN, max_pos)
+                stats = _masked(model, tokenizer, source, max_len, max_tokens, batch_size, device, seed,
+                                progress)
+    finally:
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+
+    nll = stats.pop("nll_sum") / stats["n_tokens"]
+    protocol: dict[str, Any] = {
+        "kind": kind,
+        "seq_len": seq_len,
+        "stride": stride,
+        "max_tokens": max_tokens,
+        "batch_size": batch_size,
+        "dtype": _name(dtype),
+        "precision": precision,
+        "device": str(device),
+        "seed": seed,
+    }
+    protocol.update(stats.pop("protocol"))
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        **stats,
+        "protocol": protocol,
+        "data": source.describe(),
+        "model": type(model).__name__,
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": round(stats["n_input_tokens"] / max(elapsed, 1e-9), 1),
+    }
+
+
+def _check_ints(**values: int | None) -> None:
+    minimum = {"seq_len": 2, "batch_size": 1, "stride": 1, "max_tokens": 1}
+    for key, value in values.items():
+        if value is not None and (not isinstance(value, int) or value < minimum[key]):
+            raise OffcompError(f"{key} must be an integer >= {minimum[key]}, got {value!r}")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """True if the tokenizer's default encoding starts with BOS (Llama-style), as HF guide/GPTQ get it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return len(ids) > 0 and ids[0] == bos
+
+
+def _digest(*arrays: torch.Tensor | np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.asarray(a, dtype=np.int64)).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _causal(model, tokenizer, source, seq_len, stride, max_tokens, batch_size, device, progress):
+    ids = torch.tensor(tokenizer(causal_text(source), add_special_tokens=False).input_ids, dtype=torch.long)
+    bos = _adds_bos(tokenizer)
+    if bos:
+        ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
+    n_avail = ids.numel()
+    total = n_avail if max_tokens is None else min(n_avail, max_tokens)
+    if total < seq_len:
+        raise OffcompError(
+            f"only {total} tokens to score but seq_len is {seq_len}: lower --seq-len or raise --max-tokens"
+        )
+    n_windows = (total - seq_len) // stride + 1
+    starts = [k * stride for k in range(n_windows)]
+    # Window 0 scores predictions 0..seq_len-2; later windows only those whose target is among the
+    # window's last `stride` tokens, i.e. prediction positions >= seq_len - stride - 1.
+    skip_later = seq_len - stride - 1 if stride < seq_len else 0
+    nll_sum, n_scored = 0.0, 0
+    for b0 in range(0, n_windows, batch_size):
+        batch_starts = starts[b0 : b0 + batch_size]
+        x = torch.stack([ids[s : s + seq_len] for s in batch_starts]).to(device)
+        logits = model(input_ids=x).logits
+        for row, s in enumerate(batch_starts):
+            first = 0 if s == 0 else skip_later
+            nll = F.cross_entropy(logits[row, first:-1].float(), x[row, first + 1 :], reduction="none")
+            nll_sum += nll.double().sum().item()
+            n_scored += nll.numel()
+        if progress is not None:
+            progress("perplexity", min(b0 + batch_size, n_windows), n_windows)
+    end = starts[-1] + seq_len
+    return {
+        "nll_sum": nll_sum,
+        "n_tokens": n_scored,
+        "n_windows": n_windows,
+        "n_input_tokens": n_windows * seq_len,
+        "n_text_tokens": n_avail,
+        "inputs_sha256": _digest(ids[:end]),
+        "protocol": {"join": "\\n\\n", "bos": bos, "tail": "dropped"},
+    }
+
+
+def mlm_examples(
+    tokenizer: Any, source: TextSource, *, max_len: int = MLM_MAX_LEN, max_tokens: int | None = None, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The masked-LM protocol's (input_ids, labels) per kept line; labels are -100 where unscored.
+
+    Public so that callers (and tests) can inspect exactly which tokens a run scores.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise OffcompError("masked-LM perplexity needs a fast tokenizer (for whole-word masking via word_ids)")
+    if tokenizer.mask_token_id is None:
+        raise OffcompError("the tokenizer has no [MASK] token, so it cannot drive a masked-LM evaluation")
+    vocab = len(tokenizer)
+    out, used = [], 0
+    for index, row in enumerate(source.rows):
+        if not row.strip() or _HEADING.match(row):
+            continue
+        enc = tokenizer(row.strip(), truncation=True, max_length=max_len)
+        word_ids = enc.word_ids()
+        if sum(w is not None for w in word_ids) < MLM_MIN_TOKENS:
+            continue
+        if max_tokens is not None and used + len(enc.input_ids) > max_tokens:
+            break
+        used += len(enc.input_ids)
+        out.append(_mask_line(np.asarray(enc.input_ids, dtype=np.int64), word_ids, tokenizer.mask_token_id,
+                              vocab, np.random.default_rng([seed, index])))
+    if not out:
+        raise OffcompError(
+            f"no line of {source.name} ({source.split}) has >= {MLM_MIN_TOKENS} tokens within --max-tokens: "
+            "use more text or a larger --max-tokens"
+        )
+    return out
+
+
+def _mask_line(ids: np.ndarray, word_ids: list[int | None], mask_id: int, vocab: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-word 15 % selection (HF DataCollatorForWholeWordMask) then 80/10/10 replacement."""
+    words: dict[int, list[int]] = {}
+    for pos, w in enumerate(word_ids):
+        if w is not None:
+            words.setdefault(w, []).append(pos)
+    groups = list(words.values())
+    budget = max(1, round(sum(len(g) for g in groups) * MLM_PROBABILITY))
+    chosen: list[int] = []
+    for gi in rng.permutation(len(groups)):
+        if len(chosen) + len(groups[gi]) <= budget:
+            chosen.extend(groups[gi])
+    chosen.sort()
+    labels = np.full_like(ids, -100)
+    labels[chosen] = ids[chosen]
+    inputs = ids.copy()
+    draw = rng.random(len(chosen))
+    random_tokens = rng.integers(0, vocab, size=len(chosen))
+    for pos, r, tok in zip(chosen, draw, random_tokens, strict=True):
+        if r < 0.8:
+            inputs[pos] = mask_id
+        elif r < 0.9:
+            inputs[pos] = tok
+    return inputs, labels
+
+
+def _masked(model, tokenizer, source, max_len, max_tokens, batch_size, device, seed, progress):
+    examples = mlm_examples(tokenizer, source, max_len=max_len, max_tokens=max_tokens, seed=seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Longest first: little padding per batch, and an out-of-memory shows up on the first batch.
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    nll_sum, n_scored = 0.0, 0
+    for b0 in range(0, len(order), batch_size):
+        batch = [examples[i] for i in order[b0 : b0 + batch_size]]
+        width = len(batch[0][0])
+        x = torch.full((len(batch), width), pad, dtype=torch.long)
+        y = torch.full((len(batch), width), -100, dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, (inp, lab) in enumerate(batch):
+            x[r, : len(inp)] = torch.from_numpy(inp)
+            y[r, : len(lab)] = torch.from_numpy(lab)
+            attn[r, : len(inp)] = 1
+        x, y, attn = x.to(device), y.to(device), attn.to(device)
+        logits = model(input_ids=x, attention_mask=attn).logits
+        keep = y != -100
+        nll = F.cross_entropy(logits[keep].float(), y[keep], reduction="none")
+        nll_sum += nll.double().sum().item()
+        n_scored += nll.numel()
+        if progress is not None:
+            progress("perplexity", min(b0 + batch_size, len(order)), len(order))
+    return {
+        "nll_sum": nll_sum,
+        "n_tokens": n_scored,
+        "n_lines": len(examples),
+        "n_input_tokens": sum(len(inp) for inp, _ in examples),
+        "inputs_sha256": _digest(*(a for ex in examples for a in ex)),
+        "protocol": {
+            "max_len": max_len,
+            "min_tokens": MLM_MIN_TOKENS,
+            "mlm_probability": MLM_PROBABILITY,
+            "masking": "whole-word",
+            "replace": MLM_REPLACE,
+            "drop_headings": True,
+        },
+    }
