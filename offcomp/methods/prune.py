@@ -1,0 +1,247 @@
+"""`prune`: unstructured pruning to a stored-parameter budget, by weight magnitude or Wanda score.
+
+Budget. A unit of P weights at `ratio` ρ (or `cr` c, ρ = 1/c) keeps exactly K = int(P·ρ) weights,
+the largest by score; stored parameters = K (== mask.sum()), the same target every other method
+aims at, so prune and svd are compared at the same stored count. `rank` means nothing here and is
+an error.
+
+Comparison groups (`compare`):
+  - "unit" (default): one threshold over the whole unit. In a joint group that is one global
+    threshold across all the group's matrices, so layers whose weights score higher keep more
+    (layer-adaptive sparsity); a separate group thresholds each matrix on its own.
+  - "row": every output row keeps its share of K (K·mᵢ/P, largest remainders get the leftover
+    weights), as Wanda does: pruning then never empties one output unit while sparing another.
+
+Scores (`score`):
+  - "magnitude": |W_ij|.
+  - "wanda" (Sun et al., 2023): |W_ij|·‖X_j‖₂, with ‖X_j‖₂ the norm of input channel j over the
+    calibration tokens. Read from `FitContext.stats[module name]`, which `offcomp capture` writes:
+        "act_sq": (in,) per-input-channel Σ_t x_tj²   (preferred when present), or
+        "xtx":    (in, in) Gram matrix XᵀX in fp64; its diagonal is the same Σ_t x_tj².
+    Embeddings have no input activations, so wanda applies to linear layers only.
+
+Storage. The layer keeps the dense weight (pruned entries zero) as an nn.Parameter and a
+persistent boolean mask buffer and computes with weight·mask, so fine-tuning keeps pruned entries
+at zero. That is the honest *parameter* count (K values) but not a compact file: the safetensors
+file holds the dense weight and a one-byte-per-entry mask. The bytes a sparse format would need
+are reported in the hyper-parameters (and so in the manifest): values plus the cheaper index of
+  - a bitmap: Σ ⌈n·m/8⌉ bytes, or
+  - CSR: K column indices of 2 bytes (4 if some matrix has more than 65536 columns) plus n+1
+    int32 row pointers per matrix.
+The bitmap wins above 1/16 density (cr < 16 with 2-byte indices), CSR below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import OffcompError
+from ..layers import CompressedModule
+from ..registry import FitContext, FitUnit, Method, MethodConfig, register
+
+
+class PruneConfig(MethodConfig):
+    score: Literal["magnitude", "wanda"] = "magnitude"
+    compare: Literal["unit", "row"] = "unit"
+
+
+class MaskedLinear(CompressedModule):
+    """y = x (W ⊙ M)ᵀ + b with a fixed boolean mask M: pruned weights stay zero under training."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype, device=device))
+        self.register_buffer("mask", torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def stored_values(self) -> int:
+        """Weights actually stored (the mask's population): what `stored_params` counts."""
+        return int(self.mask.sum())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kept={self.stored_values()}"
+
+
+class MaskedEmbedding(CompressedModule):
+    """Embedding table E ⊙ M; looks rows up first and masks only those, never the whole table."""
+
+    kind = "embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=dtype, device=device))
+        self.register_buffer("mask", torch.zeros(num_embeddings, embedding_dim, dtype=torch.bool, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx) * self.mask[ids]
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def stored_values(self) -> int:
+        return int(self.mask.sum())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, kept={self.stored_values()}"
+
+
+def input_sq_norms(stats: dict[str, dict[str, torch.Tensor]] | None, name: str, in_features: int,
+                   label: str) -> torch.Tensor:
+    """Σ_t x_tj² per input channel of module `name` (fp64), from "act_sq" or the diagonal of "xtx"."""
+    entry = (stats or {}).get(name)
+    if not entry:
+        raise OffcompError(
+            f"group {label!r}: score 'wanda' needs calibration statistics for {name}; "
+            "run `offcomp capture` and pass --stats DIR (or use score: magnitude)"
+        )
+    if "act_sq" in entry:
+        v = entry["act_sq"]
+    elif "xtx" in entry:
+        v = torch.diagonal(entry["xtx"])
+    else:
+        raise OffcompError(
+            f"group {label!r}: statistics for {name} hold {sorted(entry)} but wanda needs 'act_sq' or 'xtx'; "
+            "re-run `offcomp capture`"
+        )
+    v = v.detach().to(torch.float64).flatten()
+    if v.numel() != in_features or not torch.isfinite(v).all():
+        raise OffcompError(
+            f"group {label!r}: activation statistics for {name} have {v.numel()} entries (or non-finite values), "
+            f"the module reads {in_features} features; re-run `offcomp capture` on this model"
+        )
+    return v.clamp_min(0)
+
+
+def keep_exactly(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries; ties at the threshold go to the lowest indices, so
+    the count is exact and the choice deterministic."""
+    n = flat.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    thr = flat.kthvalue(n - k + 1).values  # the k-th largest
+    keep = flat > thr
+    need = k - int(keep.sum())
+    if need > 0:
+        ties = (flat == thr).nonzero().flatten()[:need]
+        keep[ties] = True
+    return keep
+
+
+def row_quotas(shapes: list[tuple[int, int]], k: int) -> list[torch.Tensor]:
+    """Split k kept weights over all rows of the unit in proportion to row length (largest
+    remainders first, then the earlier row), so Σ quotas == k exactly."""
+    total = sum(n * m for n, m in shapes)
+    lengths = torch.cat([torch.full((n,), m, dtype=torch.int64) for n, m in shapes])
+    num = lengths * k
+    q, rem = num // total, num % total
+    left = k - int(q.sum())
+    if left:
+        order = torch.sort(-rem, stable=True).indices[:left]
+        q[order] += 1
+    return list(torch.split(q, [n for n, _ in shapes]))
+
+
+def row_masks(scores: list[torch.Tensor], quotas: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = []
+    for s, q in zip(scores, quotas):
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
+        ranks_kept = torch.arange(s.shape[1], device=s.device)[None, :] < q.to(s.device)[:, None]
+        out.append(torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, ranks_kept))
+    return out
+
+
+def index_cost(shapes: list[tuple[int, int]], keep: int) -> tuple[str, int]:
+    """Bytes of the cheaper sparse index for `keep` values: ("bitmap" | "csr", bytes)."""
+    bitmap = sum(-(-n * m // 8) for n, m in shapes)
+    width = 2 if all(m <= 1 << 16 for _, m in shapes) else 4
+    csr = keep * width + sum(4 * (n + 1) for n, _ in shapes)
+    return ("bitmap", bitmap) if bitmap <= csr else ("csr", csr)
+
+
+@register
+class Prune(Method):
+    name = "prune"
+    Config = PruneConfig
+    joint_shapes = "any"
+
+    def solve(self, unit: FitUnit, cfg: PruneConfig) -> dict[str, Any]:
+        b = unit.budget
+        if b.kind == "rank":
+            raise OffcompError(
+                f"group {unit.label!r}: prune keeps single weights, a rank means nothing to it; "
+                "give ratio: (fraction kept) or cr: (original/stored)"
+            )
+        if cfg.score == "wanda" and "embedding" in unit.kinds:
+            raise OffcompError(
+                f"group {unit.label!r}: score 'wanda' needs input activations, which embeddings do not have; "
+                "use score: magnitude for embeddings"
+            )
+        total = unit.original_params
+        keep = b.target_params(total)
+        if keep < 1:
+            raise OffcompError(f"group {unit.label!r}: {b} keeps no weight at all; raise the budget")
+        if keep >= total:
+            raise OffcompError(f"group {unit.label!r}: {b} keeps all {total} weights (saves nothing)")
+        fmt, idx_bytes = index_cost(unit.shapes, keep)
+        return {"keep": keep, "index": fmt, "index_bytes": idx_bytes,
+                "bytes_fp32": 4 * keep + idx_bytes, "bytes_16bit": 2 * keep + idx_bytes}
+
+    def stored_params(self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any]) -> int:
+        return int(hyper["keep"])
+
+    def build(
+        self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any], originals: list[nn.Module]
+    ) -> list[CompressedModule]:
+        out: list[CompressedModule] = []
+        for (n, m), kind, orig in zip(unit.shapes, unit.kinds, originals):
+            kw = {"dtype": orig.weight.dtype, "device": orig.weight.device}
+            if kind == "embedding":
+                out.append(MaskedEmbedding(n, m, getattr(orig, "padding_idx", None), **kw))
+            else:
+                out.append(MaskedLinear(m, n, getattr(orig, "bias", None) is not None, **kw))
+        return out
+
+    def fit(
+        self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any], originals: list[nn.Module], ctx: FitContext
+    ) -> list[CompressedModule]:
+        dev = ctx.device
+        scores = []
+        for name, (_, m), orig in zip(unit.names, unit.shapes, originals):
+            s = orig.weight.detach().to(device=dev, dtype=torch.float32).abs()
+            if cfg.score == "wanda":
+                s = s * input_sq_norms(ctx.stats, name, m, unit.label).sqrt().to(device=dev, dtype=s.dtype)[None, :]
+            scores.append(s)
+        keep = int(hyper["keep"])
+        if cfg.compare == "row":
+            masks = row_masks(scores, row_quotas(unit.shapes, keep))
+        else:
+            flat = keep_exactly(torch.cat([s.flatten() for s in scores]), keep)
+            masks = [m.view(s.shape) for m, s in zip(torch.split(flat, [s.numel() for s in scores]), scores)]
+        del scores
+        layers = self.build(unit, cfg, hyper, originals)
+        for layer, orig, mask, name in zip(layers, originals, masks, unit.names):
+            mask = mask.to(orig.weight.device)
+            layer.mask.copy_(mask)
+            layer.weight.data.copy_(orig.weight.detach() * mask)
+            if getattr(orig, "bias", None) is not None:
+                layer.bias.data.copy_(orig.bias.data)
+            kept = layer.stored_values()
+            ctx.log(f"{name}: kept {kept}/{mask.numel()} ({kept / mask.numel():.1%})")
+        return layers
+
