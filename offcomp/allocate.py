@@ -1,0 +1,221 @@
+"""Per-group rank allocation: one plan-wide budget, spread by measured sensitivity.
+
+A uniform ratio gives every matrix the same share, although some matrices lose almost nothing at a
+low rank and others a lot. With `allocate: {ratio: 0.8}` in a plan, the groups that have no budget
+of their own get ranks chosen to minimise the summed estimated error under the global budget:
+
+    minimise Σ_u e_u(r_u)   subject to   Σ_u cost_u · r_u ≤ ratio · (all the plan's parameters) − fixed groups
+
+e_u(r) is the tail energy Σ_{k>r} σ_k² of the unit's weighted spectrum, by `criterion`:
+    whitened  σ(W S), S Sᵀ = XᵀX: the output error on calibration tokens ‖(W − Ŵ)Xᵀ‖², relative to
+              ‖W Xᵀ‖² so units with large activations do not take everything (needs `xtx`)
+    fisher    σ(diag(√I) W) / √in: Σᵢ Iᵢ/in · ‖ΔWᵢ‖², a second-order estimate of the loss increase,
+              comparable across layers as it is (needs `fisher_row`)
+    weight    σ(W) relative to ‖W‖²: data-free
+Each extra rank of a unit lowers e_u by σ_{r+1}², non-increasing in r, so taking the best marginal
+gain per stored parameter greedily (all unit steps sorted by gain/cost) is optimal up to the last
+step. Works for any method whose only hyper-parameter is a rank with stored = rank · cost (the
+low-rank family); others must keep their own budget. The result is a concrete plan (rank budgets)
+plus a record for the manifest.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .adapters import adapter_for
+from .errors import OffcompError
+from .plan import Budget, Group, Plan, expand_plan
+from .progress import ProgressFn, no_progress
+from .registry import FitUnit, get_method
+from .swap import module_table, role_table
+
+CRITERION_STAT = {"whitened": "xtx", "fisher": "fisher_row", "weight": None}
+
+
+@dataclass
+class AllocationResult:
+    plan: Plan  # every allocated group now has a rank budget (separate groups: one group per module)
+    record: dict[str, Any]
+
+
+@dataclass
+class _Unit:
+    group_index: int
+    label: str
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    joint: bool
+    per_rank: int
+    max_rank: int
+    energy: torch.Tensor  # σ_k² of the weighted matrix, normalised by the criterion, descending
+    rank: int = 0
+
+
+def stat_keys(plan: Plan) -> set[str]:
+    """Statistics a plan needs: its methods' needs_stats plus the allocation criterion's."""
+    keys = {k for g in plan.groups for k in get_method(g.method).needs_stats}
+    if plan.allocate is not None and CRITERION_STAT[plan.allocate.criterion]:
+        keys.add(CRITERION_STAT[plan.allocate.criterion])  # type: ignore[arg-type]
+    return keys
+
+
+def rank_cost(method: Any, unit: FitUnit, cfg: Any) -> int:
+    """Stored parameters per unit of rank, or an error if the method is not rank-linear."""
+    probe = FitUnit(unit.label, unit.names, unit.shapes, unit.kinds, unit.joint, Budget("rank", 1))
+    try:
+        hyper = method.solve(probe, cfg)
+    except OffcompError:
+        hyper = None
+    if hyper != {"rank": 1}:
+        raise OffcompError(f"group {unit.label!r}: method {method.name!r} has no single rank to allocate; "
+                           "give the group its own rank/ratio/cr")
+    c1, c2 = (method.stored_params(probe, cfg, {"rank": r}) for r in (1, 2))
+    if c2 - c1 != c1:
+        raise OffcompError(f"group {unit.label!r}: method {method.name!r} does not store rank·cost parameters; "
+                           "give the group its own budget")
+    return c1
+
+
+@torch.no_grad()
+def unit_energy(weights: list[torch.Tensor], names: list[str], criterion: str,
+                stats: dict[str, dict[str, torch.Tensor]] | None, label: str, log: Any = None) -> torch.Tensor:
+    """σ_k² of the unit's weighted stacked matrix, scaled so units are comparable (see module doc)."""
+    from .methods.lowrank import gram_whitening, weighted_singular_values
+
+    W = torch.cat([w.detach().to(torch.float64) for w in weights])
+    m = W.shape[1]
+    if criterion == "weight":
+        s2 = weighted_singular_values(W).square()
+        return s2 / s2.sum().clamp_min(1e-300)
+    key = CRITERION_STAT[criterion]
+    missing = [n for n in names if key not in (stats or {}).get(n, {})]
+    if missing:
+        raise OffcompError(f"allocate criterion {criterion!r} needs {key!r} statistics for {missing[0]}; "
+                           "pass --stats DIR from `offcomp capture` (or --calib-data)")
+    if criterion == "fisher":
+        rows = torch.cat([stats[n]["fisher_row"].to(torch.float64) for n in names])  # type: ignore[index]
+        return weighted_singular_values(W, row=rows.clamp_min(0).sqrt()).square() / m
+    grams = {id(stats[n]["xtx"]): stats[n]["xtx"] for n in names}  # type: ignore[index]
+    C = sum(g.to(torch.float64) for g in grams.values())
+    s2 = weighted_singular_values(W, right=gram_whitening(C, label, log)).square()
+    return s2 / s2.sum().clamp_min(1e-300)
+
+
+def allocate_plan(
+    model: nn.Module,
+    plan: Plan,
+    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    log: Any = None,
+) -> AllocationResult:
+    """Replace the plan-wide `allocate` budget by per-unit ranks (see the module doc)."""
+    alloc = plan.allocate
+    if alloc is None:
+        return AllocationResult(plan, {})
+    progress = progress or no_progress
+    adapter = adapter_for(model)
+    groups = expand_plan(plan, module_table(model, adapter), role_table(adapter))
+    total_original = fixed_stored = 0
+    units: list[_Unit] = []
+    free = {g.index for g in groups if g.group.rank is None and g.group.ratio is None and g.group.cr is None}
+    if not free:
+        raise OffcompError("plan has `allocate` but every group has its own budget; remove one or the other")
+    members = []
+    for g in groups:
+        method = get_method(g.group.method)
+        cfg = method.parse_config(g.group.options, g.label)
+        parts = [(g.names, g.shapes, g.kinds)] if g.group.joint else [
+            ([n], [s], [k]) for n, s, k in zip(g.names, g.shapes, g.kinds)]
+        members += [(g, method, cfg, *p) for p in parts]
+    n_free = sum(g.index in free for g, *_ in members)
+    for g, method, cfg, names, shapes, kinds in members:
+        original = sum(a * b for a, b in shapes)
+        total_original += original
+        if g.index not in free:
+            unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, g.group.budget())
+            fixed_stored += method.stored_params(unit, cfg, method.solve(unit, cfg))
+            continue
+        unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, Budget("rank", 1))
+        per_rank = rank_cost(method, unit, cfg)
+        max_rank = (original - 1) // per_rank  # beyond this the factors store more than W
+        if max_rank < alloc.min_rank:
+            raise OffcompError(f"group {g.label!r}: {names[0]} cannot be factored at rank {alloc.min_rank} "
+                               "and save parameters")
+        progress("allocate: spectra", len(units), n_free)
+        weights = [model.get_submodule(n).weight for n in names]
+        energy = unit_energy(weights, names, alloc.criterion, stats, g.label, log)
+        units.append(_Unit(g.index, g.label, names, shapes, g.group.joint, per_rank, max_rank, energy))
+    budget = int(alloc.ratio * total_original) - fixed_stored
+    spent = sum(alloc.min_rank * u.per_rank for u in units)
+    if spent > budget:
+        raise OffcompError(f"allocate ratio {alloc.ratio} leaves {budget:,} parameters, less than min_rank "
+                           f"{alloc.min_rank} everywhere ({spent:,}); raise the ratio or lower min_rank")
+    for u in units:
+        u.rank = alloc.min_rank
+    # Max-heap of each unit's next step by gain per stored parameter; a unit whose next step no
+    # longer fits is closed (its later steps gain less, so skipping one and taking a later is never better).
+    heap = [(-_gain(u), i) for i, u in enumerate(units) if u.rank < u.max_rank]
+    heapq.heapify(heap)
+    while heap:
+        neg, i = heapq.heappop(heap)
+        u = units[i]
+        if -neg <= 0 or spent + u.per_rank > budget:
+            continue
+        u.rank += 1
+        spent += u.per_rank
+        if u.rank < u.max_rank:
+            heapq.heappush(heap, (-_gain(u), i))
+    progress("allocate: spectra", len(units), len(units))
+    return AllocationResult(_concrete_plan(plan, units), _record(alloc, units, budget, spent, fixed_stored,
+                                                                  total_original))
+
+
+def _gain(u: _Unit) -> float:
+    return float(u.energy[u.rank]) / u.per_rank if u.rank < u.energy.numel() else 0.0
+
+
+def _tail(u: _Unit, rank: int) -> float:
+    return float(u.energy[rank:].sum())
+
+
+def _concrete_plan(plan: Plan, units: list[_Unit]) -> Plan:
+    by_group: dict[int, list[_Unit]] = {}
+    for u in units:
+        by_group.setdefault(u.group_index, []).append(u)
+    groups: list[Group] = []
+    for i, g in enumerate(plan.groups):
+        mine = by_group.get(i)
+        if mine is None:
+            groups.append(g)
+            continue
+        label = g.name or f"group{i}"
+        for u in mine:
+            if u.joint:
+                groups.append(g.model_copy(update={"name": label, "rank": u.rank}))
+            else:
+                groups.append(Group(name=label, modules=[f"re:{re.escape(u.names[0])}"], method=g.method,
+                                    options=g.options, rank=u.rank))
+    return Plan(groups=groups)
+
+
+def _record(alloc: Any, units: list[_Unit], budget: int, spent: int, fixed: int, original: int) -> dict[str, Any]:
+    """What the manifest keeps: the rule, the budget and each unit's rank next to the uniform one."""
+    uniform = {id(u): min(u.max_rank, max(alloc.min_rank, int(alloc.ratio * sum(a * b for a, b in u.shapes))
+                                           // u.per_rank)) for u in units}
+    return {
+        "ratio": alloc.ratio, "criterion": alloc.criterion, "min_rank": alloc.min_rank,
+        "original_params": original, "fixed_stored_params": fixed, "budget_params": budget,
+        "allocated_params": spent,
+        "estimated_error": sum(_tail(u, u.rank) for u in units),
+        "estimated_error_uniform": sum(_tail(u, uniform[id(u)]) for u in units),
+        "units": [{"label": u.label, "names": u.names, "rank": u.rank, "uniform_rank": uniform[id(u)],
+                   "max_rank": u.max_rank, "per_rank": u.per_rank, "est_error": _tail(u, u.rank)} for u in units],
+    }

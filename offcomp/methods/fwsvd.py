@@ -1,0 +1,91 @@
+"""`fwsvd`: Fisher-weighted SVD (Hsu et al., "Language model compression with weighted low-rank
+factorization", ICLR 2022).
+
+Plain SVD treats every weight as equally important; FWSVD weights each output row i by the square
+root of its Fisher importance Iᵢ = Σⱼ Σ_batches (∂L/∂Wᵢⱼ)² (captured by `offcomp capture`, key
+`fisher_row`), truncates diag(√I)·W and undoes the weighting on the left factor:
+    Ŵ = diag(√I)⁻¹ [diag(√I) W]_r.
+Joint groups stack the rows of all their matrices, each row keeping its own layer's weight, so the
+shared right factor favours the rows the loss is sensitive to. Uniform weights give plain SVD.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from ..errors import OffcompError
+from ..layers import CompressedModule
+from ..registry import FitContext, FitUnit, Method, MethodConfig, register
+from .lowrank import (
+    assign_factors,
+    build_lowrank,
+    solve_rank,
+    split_rows,
+    stacked_weight,
+    stored_lowrank,
+    weighted_factors,
+)
+from .util import torch_dtype
+
+
+class FWSVDConfig(MethodConfig):
+    compute_dtype: Literal["float64", "float32"] = "float64"
+    # Rows with (near) zero Fisher importance are lifted to floor·max so the weighting stays invertible.
+    floor: float = Field(1e-6, gt=0, lt=1)
+
+
+def fisher_row_weights(unit: FitUnit, stats: Any, floor: float, log: Any = None) -> torch.Tensor:
+    """√I over the unit's stacked rows (float64), from each module's captured `fisher_row`."""
+    rows = []
+    for name, (n, _) in zip(unit.names, unit.shapes):
+        f = (stats or {}).get(name, {}).get("fisher_row")
+        if f is None:
+            raise OffcompError(f"group {unit.label!r}: no 'fisher_row' statistics for {name}; run `offcomp capture`")
+        if tuple(f.shape) != (n,):
+            raise OffcompError(
+                f"group {unit.label!r}: fisher_row of {name} has shape {tuple(f.shape)}, expected ({n},); "
+                "the statistics were captured on another model"
+            )
+        rows.append(f.detach().to(torch.float64))
+    importance = torch.cat(rows)
+    if not torch.isfinite(importance).all() or (importance < 0).any():
+        raise OffcompError(f"group {unit.label!r}: fisher_row holds inf/NaN/negative values; re-run capture")
+    top = importance.max().item()
+    if top <= 0:
+        (log or (lambda m: None))(f"{unit.label}: Fisher importance is all zero; FWSVD reduces to plain SVD")
+        return torch.ones_like(importance)
+    return importance.clamp_min(top * floor).sqrt()
+
+
+@register
+class FWSVD(Method):
+    name = "fwsvd"
+    Config = FWSVDConfig
+    joint_shapes = "columns"
+    kinds = ("linear",)
+    needs_stats = ("fisher_row",)
+
+    def solve(self, unit: FitUnit, cfg: FWSVDConfig) -> dict[str, Any]:
+        return solve_rank(unit)
+
+    def stored_params(self, unit: FitUnit, cfg: FWSVDConfig, hyper: dict[str, Any]) -> int:
+        return stored_lowrank(unit, hyper)
+
+    def build(
+        self, unit: FitUnit, cfg: FWSVDConfig, hyper: dict[str, Any], originals: list[nn.Module]
+    ) -> list[CompressedModule]:
+        return build_lowrank(unit, hyper["rank"], originals)
+
+    def fit(
+        self, unit: FitUnit, cfg: FWSVDConfig, hyper: dict[str, Any], originals: list[nn.Module], ctx: FitContext
+    ) -> list[CompressedModule]:
+        dtype = torch_dtype(cfg.compute_dtype)
+        row = fisher_row_weights(unit, ctx.stats, cfg.floor, ctx.log).to(device=ctx.device, dtype=dtype)
+        W = stacked_weight(originals, ctx.device, dtype)
+        L, R = weighted_factors(W, hyper["rank"], unit.joint, row=row)
+        layers = self.build(unit, cfg, hyper, originals)
+        return assign_factors(layers, originals, split_rows(L, unit), [R])
