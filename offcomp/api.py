@@ -83,6 +83,7 @@ def plan_units(
     adapter = adapter_for(model)
     groups = expand_plan(plan, module_table(model, adapter), role_table(adapter))
     planned: list[PlannedUnit] = []
+    head_dim = _head_dim(model)
     for g in groups:
         method = get_method(g.group.method)
         cfg = method.parse_config(g.group.options, g.label)
@@ -95,7 +96,7 @@ def plan_units(
         else:
             members = [([n], [s], [k]) for n, s, k in zip(g.names, g.shapes, g.kinds)]
         for names, shapes, kinds in members:
-            unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, g.group.budget())
+            unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, g.group.budget(), head_dim)
             if method.needs_stats:
                 need = set(method.needs_stats)
                 missing = [n for n in names if not stats or not need <= set(stats.get(n, {}))]
@@ -108,6 +109,16 @@ def plan_units(
             hyper = method.solve(unit, cfg)
             planned.append(PlannedUnit(unit, method, cfg, hyper, method.stored_params(unit, cfg, hyper)))
     return planned
+
+
+def _head_dim(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if getattr(cfg, "head_dim", None):
+        return int(cfg.head_dim)
+    heads, hidden = getattr(cfg, "num_attention_heads", None), getattr(cfg, "hidden_size", None)
+    return hidden // heads if heads and hidden else None
 
 
 def _check_joint_shapes(label: str, method: Method, names: list[str], shapes: list[tuple[int, int]]) -> None:
@@ -131,6 +142,9 @@ def _untie_if_needed(model: nn.Module, names: set[str]) -> int:
         w = getattr(mod, "weight", None)
         if isinstance(w, nn.Parameter) and isinstance(mod, nn.Linear | nn.Embedding):
             owners.setdefault(id(w), []).append(name)
+    shares: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shares[id(p)] = shares.get(id(p), 0) + 1
     copied = 0
     for tied in owners.values():
         if len(tied) > 1 and any(n in names for n in tied):
@@ -139,6 +153,12 @@ def _untie_if_needed(model: nn.Module, names: set[str]) -> int:
                     mod = model.get_submodule(n)
                     mod.weight = nn.Parameter(mod.weight.detach().clone())
                     copied += mod.weight.numel()
+                    # BERT's MLM decoder also shares its bias with `cls.predictions.bias`; an untied
+                    # skeleton does not re-share it on load, so the head gets its own bias too.
+                    bias = getattr(mod, "bias", None)
+                    if isinstance(bias, nn.Parameter) and shares.get(id(bias), 0) > 1:
+                        mod.bias = nn.Parameter(bias.detach().clone())
+                        copied += bias.numel()
     if copied:
         cfg = getattr(model, "config", None)
         if cfg is not None:

@@ -112,6 +112,15 @@ def compress(
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="method option key=value")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="output checkpoint directory")] = None,
     stats: Annotated[Path | None, typer.Option(help="calibration statistics from `offcomp capture`")] = None,
+    calib_data: Annotated[str | None, typer.Option(
+        help="capture the statistics the plan needs on the fly from this text (cached like `capture`)")] = None,
+    calib_split: Annotated[str, typer.Option(help="split of --calib-data (never test)")] = "validation",
+    calib_samples: Annotated[int, typer.Option(help="calibration sequences")] = 64,
+    calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 1024,
+    calib_seed: Annotated[int, typer.Option(help="seed of the calibration windows")] = 0,
+    allocate: Annotated[float | None, typer.Option(
+        help="quick form: keep this fraction of all the matched parameters, ranks spread by sensitivity")] = None,
+    allocate_criterion: Annotated[str, typer.Option(help="quick form: whitened, fisher or weight")] = "whitened",
     device: Device = "cpu",
     seed: int = 0,
     dry_run: Annotated[bool, typer.Option(help="expand and validate the plan, print the table, write nothing")] = False,
@@ -133,9 +142,10 @@ def compress(
 
         stats_data = load_stats(stats)
     if plan is not None:
-        if any(v is not None for v in (rank, ratio, cr)) or modules or joint or option:
+        if any(v is not None for v in (rank, ratio, cr, allocate)) or modules or joint or option:
             raise OffcompError(
-                "--rank/--ratio/--cr/--modules/--joint/--option belong to the quick form; put them in the plan"
+                "--rank/--ratio/--cr/--allocate/--modules/--joint/--option belong to the quick form; "
+                "put them in the plan"
             )
         the_plan, source = load_plan(plan), str(plan)
     else:
@@ -148,10 +158,14 @@ def compress(
         model_type = AutoConfig.from_pretrained(resolve(model), trust_remote_code=trust_remote_code).model_type
         adapter_for(model_type)
         the_plan = quick_plan(model_type, method, rank=rank, ratio=ratio, cr=cr, modules=modules,  # type: ignore[arg-type]
-                              layers=layers, joint=joint, options=parse_options(option or []))
+                              layers=layers, joint=joint, options=parse_options(option or []),
+                              allocate=None if allocate is None else {"ratio": allocate,
+                                                                      "criterion": allocate_criterion})
         source = f"quick:{method}"
     with rich_progress() as progress:
-        result = compress_model(model, the_plan, out_dir, device=device, seed=seed, stats=stats_data,
+        calib = None if calib_data is None else {"data": calib_data, "split": calib_split, "samples": calib_samples,
+                                                 "seq_len": calib_seq_len, "seed": calib_seed}
+        result = compress_model(model, the_plan, out_dir, device=device, seed=seed, stats=stats_data, calib=calib,
                                 overwrite=overwrite, dry_run=dry_run, trust_remote_code=trust_remote_code,
                                 plan_source=source, progress=progress)
     table = Table(title=f"{'dry run: ' if dry_run else ''}{model} → {out_dir or '-'}")
@@ -272,11 +286,53 @@ def _not_yet(command: str, issue: str) -> None:
     raise OffcompError(f"`offcomp {command}` is not implemented yet (tracked in {issue}); nothing was run")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
 @user_errors
-def capture() -> None:
-    """Capture calibration statistics (XᵀX, Fisher) for data-aware methods. [not yet]"""
-    _not_yet("capture", "issue #4")
+def capture(
+    model: Model = "smollm2-135m",
+    data: Annotated[str, typer.Option(help="wikitext2 (hub), embedded, a raw file or dir")] = "wikitext2",
+    split: Annotated[str, typer.Option(help="validation or train; test is refused")] = "validation",
+    samples: Annotated[int, typer.Option(help="number of calibration sequences")] = 64,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence (random windows)")] = 1024,
+    seed: Annotated[int, typer.Option(help="seed of the windows (and of the masks for encoders)")] = 0,
+    batch_size: Annotated[int, typer.Option(help="sequences per step; Fisher uses per-batch gradients")] = 1,
+    gram: Annotated[bool, typer.Option(help="XᵀX, Σx² and mean|x| per input (forward only)")] = True,
+    fisher: Annotated[bool, typer.Option(help="Fisher row sums (needs a backward pass)")] = True,
+    fisher_full: Annotated[bool, typer.Option(help="also the per-element Fisher (as large as the weights)")] = False,
+    blocks: Annotated[str | None, typer.Option(
+        help='stream attention/FFN block inputs+outputs of these layers ("0-3", "all") to shards')] = None,
+    block_dtype: Annotated[str, typer.Option(help="float32 or bfloat16 for --blocks shards")] = "float32",
+    modules: Annotated[list[str] | None, typer.Option(
+        "--modules", help="roles/suffixes/re:regex (repeat); default all roles")] = None,
+    layers: Annotated[str, typer.Option(help='"all", "0-11", "0-3,8"')] = "all",
+    out_root: Annotated[Path | None, typer.Option(
+        "--out", help="root of capture directories (default ~/.cache/offcomp/captures)")] = None,
+    force: Annotated[bool, typer.Option(help="recompute even if an identical capture exists")] = False,
+    device: Device = "cpu",
+    trust_remote_code: bool = False,
+    as_json: Json = False,
+) -> None:
+    """Capture calibration statistics (XᵀX, mean|x|, Fisher; optionally block I/O) for data-aware methods."""
+    from .capture import CaptureSpec, run_capture
+    from .pipeline import parse_device
+
+    parse_device(device)
+    spec = CaptureSpec(samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, gram=gram, fisher=fisher,
+                       fisher_full=fisher_full, blocks=blocks, block_dtype=block_dtype,  # type: ignore[arg-type]
+                       modules=tuple(modules or ()), layers=layers)
+    with rich_progress() as progress:
+        res = run_capture(model, data, split, spec, root=out_root, device=device, force=force,
+                          trust_remote_code=trust_remote_code, progress=progress)
+    meta = res.meta
+    table = Table(title=f"capture: {model} ({'reused' if res.reused else 'computed'})")
+    for col in ("data", "tokens", "modules", "statistics", "seconds"):
+        table.add_column(col, overflow="fold")
+    table.add_row(f"{meta['data']['name']}:{meta['data']['split']}", f"{meta['n_tokens']:,}",
+                  str(len(meta["modules"])), ", ".join(meta["statistics"]) + (" + blocks" if meta["blocks"] else ""),
+                  f"{meta['seconds']:.1f}")
+    emit(res.to_dict(), as_json, table)
+    if not as_json:
+        out.print(f"use it: offcomp compress ... --stats {res.path}", highlight=False, soft_wrap=True)
 
 
 @app.command("finetune-glue", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -42,17 +42,20 @@ def parse_device(name: str) -> torch.device:
 
 def quick_plan(model_type: str, method: str, *, rank: int | None = None, ratio: float | None = None,
                cr: float | None = None, modules: list[str] | None = None, layers: str = "all",
-               joint: bool = False, options: dict[str, Any] | None = None) -> Plan:
+               joint: bool = False, options: dict[str, Any] | None = None,
+               allocate: dict[str, Any] | None = None) -> Plan:
     """The one-group plan behind `offcomp compress --method M --rank R`: by default every linear
-    layer of the transformer blocks (all roles), never the embeddings or the LM head."""
+    layer of the transformer blocks (all roles), never the embeddings or the LM head. With
+    `allocate` ({"ratio": ..., "criterion": ...}) the group has no budget of its own: ranks are
+    spread by measured sensitivity (offcomp.allocate)."""
     mods = modules or sorted(adapter_for(model_type).roles)
     try:
         group = Group(name=f"{method}", modules=mods, layers=layers, joint=joint, method=method,
                       options=options or {}, rank=rank, ratio=ratio, cr=cr)
+        return Plan(groups=[group], allocate=allocate)
     except ValidationError as e:
         err = e.errors()[0]
         raise OffcompError(f"bad compress options: {err['msg'].removeprefix('Value error, ')}") from None
-    return Plan(groups=[group])
 
 
 def compress_model(
@@ -63,31 +66,56 @@ def compress_model(
     device: str = "cpu",
     seed: int = 0,
     stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    calib: dict[str, Any] | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     trust_remote_code: bool = False,
     plan_source: str | None = None,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Compress a named model by a plan and save the checkpoint; returns the manifest."""
+    """Compress a named model by a plan and save the checkpoint; returns the manifest.
+
+    `calib` ({"data", "split", "samples", "seq_len", "seed"}) captures the statistics the plan needs
+    on the fly (cached like `offcomp capture`); a plan with `allocate` gets its ranks first."""
+    from .capture import capture_for_plan, check_stats_model, load_stats
+
     if out is not None and not dry_run:
         prepare_out_dir(out, overwrite)
+    if calib is not None and stats is not None:
+        raise OffcompError("give either --stats DIR or --calib-data, not both")
     dev = parse_device(device)
     bundle = load_model(model, trust_remote_code=trust_remote_code)
+    if calib is not None:
+        stats = load_stats(capture_for_plan(bundle, plan, device=device, progress=progress, **calib).path)
+    if stats is not None:
+        check_stats_model(stats, bundle.sha256)
+    calibration = getattr(stats, "meta", None)
+    calibration = calibration and {k: calibration.get(k) for k in ("path", "key", "data", "loss", "spec", "n_tokens")}
+    allocation, run_plan = None, plan
+    if plan.allocate is not None:
+        from .allocate import allocate_plan
+
+        result = allocate_plan(bundle.model, plan, stats, progress=progress)
+        run_plan, allocation = result.plan, {**result.record, "plan": result.plan.model_dump()}
     if dry_run:
-        return {"dry_run": True, "model": bundle.protocol(), "units": [
+        return {"dry_run": True, "model": bundle.protocol(), "allocation": allocation, "units": [
             {"label": p.unit.label, "method": p.method.name, "names": p.unit.names, "joint": p.unit.joint,
              "hyper": p.hyper, "original_params": p.unit.original_params, "stored_params": p.stored_params}
-            for p in plan_units(bundle.model, plan, stats)]}
+            for p in plan_units(bundle.model, run_plan, stats)]}
     if out is None:
         raise OffcompError("compress needs --out DIR (or --dry-run)")
     torch.manual_seed(seed)
-    report = compress_(bundle.model, plan, stats=stats, device=dev, seed=seed, progress=progress)
+    notes: list[str] = []  # methods' ctx.log (e.g. whitening fallbacks), kept in the manifest
+    report = compress_(bundle.model, run_plan, stats=stats, device=dev, seed=seed, progress=progress,
+                       log=notes.append)
     bundle.model.to("cpu")
     manifest = {
         "base": {"name": bundle.name, "source": bundle.source, "sha256": bundle.sha256},
         "head": bundle.head, "kind": bundle.kind, "seed": seed, "plan_source": plan_source,
         "plan": plan.model_dump(), "report": report.to_dict(),
+        **({"calibration": calibration} if calibration else {}),
+        **({"allocation": allocation} if allocation else {}),
+        **({"fit_log": notes} if notes else {}),
     }
     save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite)
     return {"out": str(out), **manifest, "versions": versions()}

@@ -42,9 +42,10 @@ class Group(BaseModel):
 
     @model_validator(mode="after")
     def _one_budget(self) -> Group:
+        # No budget at all is allowed here and checked by Plan: only a plan with `allocate` may omit it.
         given = [k for k in ("rank", "ratio", "cr") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of rank, ratio, cr (got {', '.join(given) or 'none'})")
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of rank, ratio, cr (got {', '.join(given)})")
         return self
 
     @field_validator("rank")
@@ -62,6 +63,9 @@ class Group(BaseModel):
         return v
 
     def budget(self) -> Budget:
+        if self.rank is None and self.ratio is None and self.cr is None:
+            raise OffcompError(f"group {self.name!r} has no budget; its ranks come from the plan's `allocate` "
+                               "(offcomp.allocate.allocate_plan), or give it rank, ratio or cr")
         if self.rank is not None:
             return Budget("rank", self.rank)
         if self.ratio is not None:
@@ -69,11 +73,33 @@ class Group(BaseModel):
         return Budget("cr", self.cr)  # type: ignore[arg-type]
 
 
+class Allocate(BaseModel):
+    """One budget for the whole plan, spread over the groups that give none of their own by
+    measured sensitivity (offcomp.allocate): groups with their own rank/ratio/cr keep it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float = Field(gt=0, lt=1, description="fraction of the parameters of all the plan's modules kept")
+    criterion: Literal["whitened", "fisher", "weight"] = "whitened"
+    min_rank: int = Field(1, ge=1)
+
+
 class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: Literal[1] = 1
+    allocate: Allocate | None = None
     groups: list[Group] = Field(min_length=1)
+
+    @field_validator("groups")
+    @classmethod
+    def _budgets_given(cls, groups: list[Group], info: Any) -> list[Group]:
+        if info.data.get("allocate") is None:
+            for i, g in enumerate(groups):
+                if g.rank is None and g.ratio is None and g.cr is None:
+                    raise ValueError(f"group {g.name or f'group{i}'!r}: give exactly one of rank, ratio, cr "
+                                     "(or a plan-level `allocate: {ratio: ...}`)")
+        return groups
 
 
 @dataclass(frozen=True)
@@ -157,10 +183,9 @@ def parse_plan(raw: Any, source: str = "plan") -> Plan:
 def _matches(entry: str, info: ModuleInfo, roles: dict[str, str]) -> bool:
     if entry.startswith("re:"):
         return re.fullmatch(entry[3:], info.name) is not None
-    if entry == info.role:
-        return True
-    suffix = roles.get(entry, entry)
-    return info.name == suffix or info.name.endswith("." + suffix)
+    if entry in roles:  # a role matches by role only: BERT's mlp.down suffix `output.dense` is also attn.o's
+        return entry == info.role
+    return info.name == entry or info.name.endswith("." + entry)
 
 
 def expand_plan(plan: Plan, modules: list[ModuleInfo], roles: dict[str, str]) -> list[ExpandedGroup]:

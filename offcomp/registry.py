@@ -37,6 +37,8 @@ class FitUnit:
     kinds: list[str]
     joint: bool
     budget: Budget
+    # Attention head size of the model (config.head_dim or hidden/heads), for head-aware methods.
+    head_dim: int | None = None
 
     @property
     def original_params(self) -> int:
