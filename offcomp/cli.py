@@ -282,10 +282,6 @@ def methods() -> None:
     out.print(table)
 
 
-def _not_yet(command: str, issue: str) -> None:
-    raise OffcompError(f"`offcomp {command}` is not implemented yet (tracked in {issue}); nothing was run")
-
-
 @app.command()
 @user_errors
 def capture(
@@ -335,18 +331,111 @@ def capture(
         out.print(f"use it: offcomp compress ... --stats {res.path}", highlight=False, soft_wrap=True)
 
 
-@app.command("finetune-glue", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-@user_errors
-def finetune_glue() -> None:
-    """Fine-tune a base or compressed encoder on a GLUE task. [not yet]"""
-    _not_yet("finetune-glue", "issue #5")
+Epochs = Annotated[float | None, typer.Option(help="training epochs (default: the recipe's)")]
+Lr = Annotated[float | None, typer.Option("--lr", help="learning rate (default: the recipe's)")]
+Batch = Annotated[int | None, typer.Option(help="per-process batch size (default: the recipe's)")]
+Accum = Annotated[int | None, typer.Option(help="gradient accumulation steps (default: the recipe's)")]
+MaxLen = Annotated[int | None, typer.Option(help="max sequence length (default: the recipe's)")]
+Seed = Annotated[int | None, typer.Option(help="training seed (default: the recipe's)")]
+MaxSteps = Annotated[int | None, typer.Option(help="stop after N optimizer steps (quick runs)")]
+MaxTrain = Annotated[int | None, typer.Option(help="use only the first N training examples")]
+MaxEval = Annotated[int | None, typer.Option(help="use only the first N evaluation examples")]
+Freeze = Annotated[bool, typer.Option(help="freeze the compressed modules' factors during fine-tuning")]
+OutDir = Annotated[Path, typer.Option("--out", help="directory for metrics + protocol JSON and trainer state")]
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _finetune_args(defaults: Any, **overrides: Any) -> Any:
+    import dataclasses
+
+    names = {"epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size", "grad_accum": "grad_accum",
+             "max_length": "max_length", "seed": "seed", "max_steps": "max_steps",
+             "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples"}
+    return dataclasses.replace(defaults, **{names[k]: v for k, v in overrides.items() if v is not None})
+
+
+def _metrics_table(title: str, record: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value")
+    for k, v in (record.get("metrics") or {}).items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    return table
+
+
+@app.command("finetune-glue")
 @user_errors
-def squad() -> None:
-    """Fine-tune and evaluate on SQuAD v1.1. [not yet]"""
-    _not_yet("squad", "issue #5")
+def finetune_glue(
+    task: Annotated[str, typer.Option(help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli")],
+    model: Model = "minilm-l6",
+    data_dir: Annotated[Path | None, typer.Option(help="GLUE tsv folder (e.g. ../shared/data/glue); "
+                                                       "default: datasets `glue`")] = None,
+    out_dir: OutDir = Path("runs/glue"),
+    epochs: Epochs = None, lr: Lr = None, batch_size: Batch = None, grad_accum: Accum = None,
+    max_length: MaxLen = None, seed: Seed = None, max_steps: MaxSteps = None,
+    max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
+    freeze_compressed: Freeze = False,
+    device: Device = "cpu",
+    as_json: Json = False,
+) -> None:
+    """Fine-tune a base or compressed encoder on a GLUE task (HF Trainer; torchrun/accelerate ready)."""
+    from .eval.glue import GLUE_DEFAULTS, run_glue
+
+    args = _finetune_args(GLUE_DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                          max_length=max_length, seed=seed, max_steps=max_steps,
+                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+    with rich_progress() as progress:
+        rec = run_glue(model, task, data_dir=data_dir, output_dir=out_dir, args=args,
+                       freeze_compressed=freeze_compressed, device=device, progress=progress)
+    emit(rec, as_json, _metrics_table(f"{task}: {model}", rec))
+
+
+@app.command()
+@user_errors
+def squad(
+    model: Model = "minilm-l6",
+    train_file: Annotated[Path | None, typer.Option(help="SQuAD v1.1 train json")] = None,
+    dev_file: Annotated[Path | None, typer.Option(help="SQuAD v1.1 dev json")] = None,
+    split_dev: Annotated[int | None, typer.Option(help="train on K dev articles, eval on the rest")] = None,
+    out_dir: OutDir = Path("runs/squad"),
+    epochs: Epochs = None, lr: Lr = None, batch_size: Batch = None, grad_accum: Accum = None,
+    max_length: MaxLen = None, seed: Seed = None, max_steps: MaxSteps = None,
+    max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
+    doc_stride: int = 128,
+    freeze_compressed: Freeze = False,
+    device: Device = "cpu",
+    as_json: Json = False,
+) -> None:
+    """Fine-tune and evaluate extractive QA on SQuAD v1.1 (official EM/F1)."""
+    from .eval.squad import SQUAD_DEFAULTS, run_squad
+
+    args = _finetune_args(SQUAD_DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                          max_length=max_length, seed=seed, max_steps=max_steps,
+                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+    with rich_progress() as progress:
+        rec = run_squad(model, train_file=train_file, dev_file=dev_file, split_dev=split_dev, output_dir=out_dir,
+                        args=args, doc_stride=doc_stride, freeze_compressed=freeze_compressed, device=device,
+                        progress=progress)
+    emit(rec, as_json, _metrics_table(f"SQuAD v1.1: {model}", rec))
+
+
+@app.command("eval-sts")
+@user_errors
+def eval_sts(
+    model: Annotated[str, typer.Argument(help="sentence encoder: base name/dir or compressed directory")],
+    data_dir: Annotated[Path | None, typer.Option(help="folder with STS-B dev.tsv")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="where to write the record")] = None,
+    batch_size: int = 64,
+    max_eval_samples: MaxEval = None,
+    device: Device = "cpu",
+    as_json: Json = False,
+) -> None:
+    """Zero-shot STS-B: mean-pooled embeddings, cosine similarity, Spearman vs gold scores."""
+    from .eval.sts import run_sts
+
+    with rich_progress() as progress:
+        rec = run_sts(model, data_dir=data_dir, output_dir=out_dir, batch_size=batch_size,
+                      max_eval_samples=max_eval_samples, device=device, progress=progress)
+    emit(rec, as_json, _metrics_table(f"STS-B zero-shot: {model}", rec))
 
 
 if __name__ == "__main__":
