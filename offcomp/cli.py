@@ -258,11 +258,13 @@ def report(
     if fmt != "table":
         sys.stdout.write(render(rows, fmt) + "\n")
         return
+    # the terminal table keeps the comparison columns; --format md/csv/json has all of them
+    cols = [c for c in COLUMNS if c not in ("params_before", "task", "path", "seconds")]
     table = Table(title=f"offcomp runs under {root}")
-    for c in COLUMNS:
+    for c in cols:
         table.add_column(c, overflow="fold")
     for r in rows:
-        table.add_row(*(fmt_cell(r.get(c)) for c in COLUMNS))
+        table.add_row(*(fmt_cell(r.get(c)) for c in cols))
     out.print(table)
 
 

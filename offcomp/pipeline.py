@@ -181,7 +181,9 @@ def evaluate_ppl(
     res = perplexity(bundle.model, bundle.tokenizer, source, kind=kind, seq_len=seq_len, stride=stride,
                      max_tokens=max_tokens, batch_size=batch_size, device=dev, dtype=dt, seed=seed,
                      progress=progress or no_progress)
-    record = {"type": "ppl", **model_record(bundle), **res, "seconds": time.perf_counter() - t,
+    # the evaluator's "model" is the class name; the record's "model" is the full identity
+    record = {"type": "ppl", **res, "architecture": res.get("model"), **model_record(bundle),
+              "seconds": time.perf_counter() - t,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions()}
     append_result(results_path(bundle, results), record)
     return record

@@ -40,7 +40,8 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
                 continue
             rec = json.loads(line)
             task, metric, value = _metric(rec)
-            model = rec.get("model", {})
+            model = rec.get("model")
+            model = model if isinstance(model, dict) else {"name": str(model)}
             before, after = rec.get("params_before"), rec.get("params_after")
             data = rec.get("data") or {}
             rows.append({
