@@ -118,6 +118,10 @@ def compress(
     calib_samples: Annotated[int, typer.Option(help="calibration sequences")] = 64,
     calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 1024,
     calib_seed: Annotated[int, typer.Option(help="seed of the calibration windows")] = 0,
+    valid_data: Annotated[str | None, typer.Option(
+        help="validation text for early stopping of trained methods (ae, refinement); never the test split")] = None,
+    valid_tokens: Annotated[int, typer.Option(help="validation tokens scored per check")] = 4096,
+    valid_seq_len: Annotated[int, typer.Option(help="window length of the validation PPL")] = 1024,
     allocate: Annotated[float | None, typer.Option(
         help="quick form: keep this fraction of all the matched parameters, ranks spread by sensitivity")] = None,
     allocate_criterion: Annotated[str, typer.Option(help="quick form: whitened, fisher or weight")] = "whitened",
@@ -164,8 +168,11 @@ def compress(
         source = f"quick:{method}"
     with rich_progress() as progress:
         calib = None if calib_data is None else {"data": calib_data, "split": calib_split, "samples": calib_samples,
-                                                 "seq_len": calib_seq_len, "seed": calib_seed}
+                                                                 "seq_len": calib_seq_len, "seed": calib_seed}
+        valid = None if valid_data is None else {"data": valid_data, "max_tokens": valid_tokens,
+                                                  "seq_len": valid_seq_len}
         result = compress_model(model, the_plan, out_dir, device=device, seed=seed, stats=stats_data, calib=calib,
+                                valid=valid,
                                 overwrite=overwrite, dry_run=dry_run, trust_remote_code=trust_remote_code,
                                 plan_source=source, progress=progress)
     table = Table(title=f"{'dry run: ' if dry_run else ''}{model} → {out_dir or '-'}")

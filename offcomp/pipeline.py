@@ -67,6 +67,7 @@ def compress_model(
     seed: int = 0,
     stats: dict[str, dict[str, torch.Tensor]] | None = None,
     calib: dict[str, Any] | None = None,
+    valid: dict[str, Any] | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     trust_remote_code: bool = False,
@@ -106,8 +107,17 @@ def compress_model(
         raise OffcompError("compress needs --out DIR (or --dry-run)")
     torch.manual_seed(seed)
     notes: list[str] = []  # methods' ctx.log (e.g. whitening fallbacks), kept in the manifest
+    validate, validation = None, None
+    if valid is not None:  # ({"data", "max_tokens"}): early stopping on held-out text, never test
+        from .data import load_text
+        from .validation import make_validator
+
+        vsource = load_text(valid["data"], split="validation")
+        validate = make_validator(bundle.model, bundle.tokenizer, vsource, max_tokens=valid.get("max_tokens", 4096),
+                                  seq_len=valid.get("seq_len", 1024), device=dev)
+        validation = {**vsource.describe(), "max_tokens": valid.get("max_tokens", 4096)}
     report = compress_(bundle.model, run_plan, stats=stats, device=dev, seed=seed, progress=progress,
-                       log=notes.append)
+                       validate=validate, log=notes.append)
     bundle.model.to("cpu")
     manifest = {
         "base": {"name": bundle.name, "source": bundle.source, "sha256": bundle.sha256},
@@ -115,6 +125,7 @@ def compress_model(
         "plan": plan.model_dump(), "report": report.to_dict(),
         **({"calibration": calibration} if calibration else {}),
         **({"allocation": allocation} if allocation else {}),
+        **({"validation": validation} if validation else {}),
         **({"fit_log": notes} if notes else {}),
     }
     save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite)

@@ -139,3 +139,14 @@ def test_cli_dry_run_writes_nothing(tmp_path, llama_dir):
     result = json.loads(output.strip().splitlines()[-1])
     assert result["dry_run"] and len(result["units"]) == 3 * 7
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_ae_with_validation_early_stopping(tmp_path, llama_dir):
+    text = tmp_path / "valid.txt"
+    text.write_text("\n".join(f"validation sentence number {i} about plans and ranks." for i in range(200)))
+    code, output = _run(["compress", "--model", str(llama_dir), "--method", "ae", "--cr", "2", "--modules", "mlp.up",
+                         "--joint", "-o", "epochs=2", "-o", "validate_every=1", "--valid-data", str(text),
+                         "--valid-tokens", "256", "--valid-seq-len", "64", "--out", str(tmp_path / "o"), "--json"])
+    assert code == 0, output
+    manifest = json.loads(output.strip().splitlines()[-1])
+    assert manifest["validation"]["max_tokens"] == 256 and len(manifest["validation"]["sha256"]) == 64
