@@ -35,8 +35,8 @@ test-fast: setup
 demo: setup
 	$(BIN)/offcomp compress --model smollm2-135m --plan sample_plans/demo-svd.yaml --out $(RUNS)/demo/smollm2-svd --overwrite
 	rm -f $(RUNS)/demo/smollm2-dense/results.jsonl
-	$(BIN)/offcomp eval-ppl smollm2-135m --data embedded --max-tokens $(DEMO_TOKENS) --dtype bf16 --results $(RUNS)/demo/smollm2-dense/results.jsonl
-	$(BIN)/offcomp eval-ppl $(RUNS)/demo/smollm2-svd --data embedded --max-tokens $(DEMO_TOKENS) --dtype bf16
+	$(BIN)/offcomp eval-ppl smollm2-135m --data embedded --max-tokens $(DEMO_TOKENS) --results $(RUNS)/demo/smollm2-dense/results.jsonl
+	$(BIN)/offcomp eval-ppl $(RUNS)/demo/smollm2-svd --data embedded --max-tokens $(DEMO_TOKENS)
 	$(BIN)/offcomp report $(RUNS)/demo
 
 clean:

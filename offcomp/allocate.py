@@ -60,7 +60,10 @@ class _Unit:
 
 def stat_keys(plan: Plan) -> set[str]:
     """Statistics a plan needs: its methods' needs_stats plus the allocation criterion's."""
-    keys = {k for g in plan.groups for k in get_method(g.method).needs_stats}
+    keys: set[str] = set()
+    for g in plan.groups:
+        method = get_method(g.method)
+        keys.update(method.stats_needed(method.parse_config(g.options, g.name or g.method)))
     if plan.allocate is not None and CRITERION_STAT[plan.allocate.criterion]:
         keys.add(CRITERION_STAT[plan.allocate.criterion])  # type: ignore[arg-type]
     return keys

@@ -97,15 +97,14 @@ def plan_units(
             members = [([n], [s], [k]) for n, s, k in zip(g.names, g.shapes, g.kinds)]
         for names, shapes, kinds in members:
             unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, g.group.budget(), head_dim)
-            if method.needs_stats:
-                need = set(method.needs_stats)
-                missing = [n for n in names if not stats or not need <= set(stats.get(n, {}))]
-                if missing:
-                    raise OffcompError(
-                        f"group {g.label!r}: method {method.name!r} needs calibration statistics "
-                        f"({', '.join(method.needs_stats)}) for {missing[0]}; "
-                        "run `offcomp capture` and pass --stats DIR"
-                    )
+            need = method.stats_needed(cfg)
+            missing = [n for n in names if not stats or not set(need) <= set(stats.get(n, {}))]
+            if need and missing:
+                raise OffcompError(
+                    f"group {g.label!r}: method {method.name!r} with these options needs calibration statistics "
+                    f"({', '.join(need)}) for {missing[0]}; run `offcomp capture` and pass --stats DIR "
+                    "(or --calib-data)"
+                )
             hyper = method.solve(unit, cfg)
             planned.append(PlannedUnit(unit, method, cfg, hyper, method.stored_params(unit, cfg, hyper)))
     return planned

@@ -350,6 +350,7 @@ MaxSteps = Annotated[int | None, typer.Option(help="stop after N optimizer steps
 MaxTrain = Annotated[int | None, typer.Option(help="use only the first N training examples")]
 MaxEval = Annotated[int | None, typer.Option(help="use only the first N evaluation examples")]
 Freeze = Annotated[bool, typer.Option(help="freeze the compressed modules' factors during fine-tuning")]
+Bf16 = Annotated[bool, typer.Option("--bf16", help="bf16 mixed precision (autocast; weights stay fp32)")]
 OutDir = Annotated[Path, typer.Option("--out", help="directory for metrics + protocol JSON and trainer state")]
 
 
@@ -358,7 +359,7 @@ def _finetune_args(defaults: Any, **overrides: Any) -> Any:
 
     names = {"epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size", "grad_accum": "grad_accum",
              "max_length": "max_length", "seed": "seed", "max_steps": "max_steps",
-             "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples"}
+             "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples", "bf16": "bf16"}
     return dataclasses.replace(defaults, **{names[k]: v for k, v in overrides.items() if v is not None})
 
 
@@ -383,6 +384,7 @@ def finetune_glue(
     max_length: MaxLen = None, seed: Seed = None, max_steps: MaxSteps = None,
     max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     freeze_compressed: Freeze = False,
+    bf16: Bf16 = False,
     device: Device = "cpu",
     as_json: Json = False,
 ) -> None:
@@ -391,7 +393,7 @@ def finetune_glue(
 
     args = _finetune_args(GLUE_DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                           max_length=max_length, seed=seed, max_steps=max_steps,
-                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, bf16=bf16 or None)
     with rich_progress() as progress:
         rec = run_glue(model, task, data_dir=data_dir, output_dir=out_dir, args=args,
                        freeze_compressed=freeze_compressed, device=device, progress=progress)
@@ -411,6 +413,7 @@ def squad(
     max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     doc_stride: int = 128,
     freeze_compressed: Freeze = False,
+    bf16: Bf16 = False,
     device: Device = "cpu",
     as_json: Json = False,
 ) -> None:
@@ -419,7 +422,7 @@ def squad(
 
     args = _finetune_args(SQUAD_DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                           max_length=max_length, seed=seed, max_steps=max_steps,
-                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
+                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, bf16=bf16 or None)
     with rich_progress() as progress:
         rec = run_squad(model, train_file=train_file, dev_file=dev_file, split_dev=split_dev, output_dir=out_dir,
                         args=args, doc_stride=doc_stride, freeze_compressed=freeze_compressed, device=device,

@@ -72,6 +72,11 @@ class Method:
     # Statistics a fit cannot do without (keys of FitContext.stats entries).
     needs_stats: ClassVar[tuple[str, ...]] = ()
 
+    def stats_needed(self, cfg: Any) -> tuple[str, ...]:
+        """The statistics this configuration reads: `needs_stats` plus what options switch on (e.g.
+        a Wanda score or a whitened loss), so that a missing capture is caught at plan time."""
+        return self.needs_stats
+
     def solve(self, unit: FitUnit, cfg: Any) -> dict[str, Any]:
         """Turn the unit's budget into the method's hyper-parameters (e.g. {"rank": 37}).
 

@@ -17,6 +17,7 @@ import torch
 from offcomp.errors import OffcompError
 from offcomp.eval.glue import TASKS, FinetuneArgs, load_glue, read_glue_tsv, run_glue
 from offcomp.eval.metrics import accuracy, pearson, spearman
+from offcomp.report import collect
 from tests.finetune_torchrun import tiny_classifier, tokenizer, write_sst2
 
 SHARED = Path("/work/shared/data/glue")
@@ -124,6 +125,8 @@ def test_classification_record_and_scores(tmp_path):
                    args=QUICK, pre_metrics={"ppl": 12.5})
     on_disk = json.loads((tmp_path / "out" / "glue-sst2.json").read_text())
     assert on_disk["metrics"] == pytest.approx(rec["metrics"]) and on_disk["pre_metrics"] == {"ppl": 12.5}
+    rows = collect(tmp_path / "out")  # `offcomp report` sees the run
+    assert [(r["task"], r["metric"], r["value"]) for r in rows] == [("sst2", "accuracy", rec["metrics"]["accuracy"])]
     assert rec["data"]["n_train"] == 16 and rec["data"]["n_scored"] == {"dev": 12}
     assert rec["train"]["steps"] == 2 and rec["world_size"] == 1 and rec["effective_batch_size"] == 8
     assert rec["params"]["trainable"] == rec["params"]["total"] == sum(p.numel() for p in model.parameters())
@@ -236,7 +239,8 @@ def test_torchrun_two_processes(tmp_path):
         proc.communicate()
         raise
     assert proc.returncode == 0, err[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "glue-sst2.json", "squad.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "glue-sst2.json", "results.jsonl", "squad.json"]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2  # rank 0 only, one line per run
     glue = json.loads((tmp_path / "glue-sst2.json").read_text())
     assert glue["world_size"] == 2 and glue["effective_batch_size"] == 8
     assert glue["train"]["steps"] == 4  # 32 examples / (4 per process × 2 processes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -150,3 +151,13 @@ def test_cli_ae_with_validation_early_stopping(tmp_path, llama_dir):
     assert code == 0, output
     manifest = json.loads(output.strip().splitlines()[-1])
     assert manifest["validation"]["max_tokens"] == 256 and len(manifest["validation"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("sample_plans/*.*")), ids=lambda p: p.name)
+def test_sample_plans_validate_on_both_architectures(path):
+    """Every shipped plan parses and expands on a decoder and on an encoder (the FFN and attention
+    roles exist in both), within its budget."""
+    plan = offcomp.load_plan(path)
+    for model in (tiny_llama(layers=2), tiny_bert(layers=2)):
+        planned = offcomp.plan_units(model, plan)
+        assert planned and all(p.stored_params < p.unit.original_params for p in planned)

@@ -198,10 +198,10 @@ def test_refinement_runs_and_tensorly_backend_is_left_alone():
     Ws = [torch.randn(32, 24), torch.randn(16, 24)]
     init, _, _ = fit(Ws, True, Budget("cr", 3), head_dim=8)
     ref, _, _ = fit(Ws, True, Budget("cr", 3), head_dim=8, refine_epochs=2, refine_lr=1e-3)
-    from offcomp.methods.kronecker import ae_loss
+    from offcomp.methods.ae_train import cos_rmse_loss
 
     def loss(layers):
-        return ae_loss(torch.cat([lay.to_dense() for lay in layers]), torch.cat(Ws)).item()
+        return cos_rmse_loss()(torch.cat([lay.to_dense() for lay in layers]), torch.cat(Ws), None, 0).item()
 
     assert loss(ref) <= loss(init) + 1e-6
     assert tl.get_backend() == before

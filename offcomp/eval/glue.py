@@ -97,6 +97,7 @@ class FinetuneArgs:
     max_train_samples: int | None = None  # first N training examples (quick runs, tests)
     max_eval_samples: int | None = None  # first N examples of each eval split
     logging_steps: int = 50
+    bf16: bool = False  # bf16 autocast (Trainer mixed precision); weights and optimizer stay fp32
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "grad_accum", "eval_batch_size", "logging_steps"):
@@ -376,7 +377,7 @@ def make_trainer(model, tokenizer, train_set, out: Path, args: FinetuneArgs, dev
         num_train_epochs=args.epochs, max_steps=args.max_steps, weight_decay=args.weight_decay,
         warmup_steps=float(args.warmup_ratio), lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
         save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=args.logging_steps,
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, bf16=args.bf16,
         use_cpu=device == "cpu", ddp_backend="gloo" if device == "cpu" and world_size() > 1 else None,
         # Classification/QA losses are per-example means: with token averaging on, Trainer scales the
         # loss by the world size (gradients and the eval loss double under torchrun on 2 processes).
@@ -432,13 +433,16 @@ def is_main_process(trainer: Trainer | None = None) -> bool:
 
 
 def write_record(trainer: Trainer | None, path: Path, record: dict) -> None:
-    """Rank 0 writes the JSON record (atomically, so a reader never sees half a file)."""
+    """Rank 0 writes the JSON record (atomically, so a reader never sees half a file) and appends
+    it as one line to results.jsonl beside it, where `offcomp report` finds every run."""
     if not is_main_process(trainer):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
+    with open(path.parent / "results.jsonl", "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- run

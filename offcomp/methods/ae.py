@@ -46,24 +46,27 @@ from pydantic import Field, model_validator
 
 from ..errors import OffcompError
 from ..layers import CompressedModule
-from ..registry import FitContext, FitUnit, Method, MethodConfig, register
+from ..registry import FitContext, FitUnit, Method, register
 from .ae_layers import AEEmbedding, AELinear, build_decoded, fill_decoded
 from .ae_train import (
-    LossFn,
+    DataLossConfig,
     TrainSpec,
+    cos_rmse_loss,
+    data_loss,
+    data_stats,
     encode_all,
     fit_label,
     largest,
     pca_init,
-    row_weights,
     train_autoencoder,
+    whitening_matrix,
 )
 from .lowrank import stacked_weight
 
 __all__ = ["AE", "AEConfig", "AEEmbedding", "AELinear", "ae_stored", "cos_rmse_loss"]
 
 
-class AEConfig(MethodConfig):
+class AEConfig(DataLossConfig):
     arch: Literal["mlp", "linear"] = Field("mlp", description="mlp: the paper's nonlinear AE; linear: m→d→m")
     width: int | None = Field(None, gt=0, description="decoder width x (default: solved from the budget, d = x)")
     fill_budget: bool = Field(True, description="widen x into the budget left after the d = x solution")
@@ -82,7 +85,6 @@ class AEConfig(MethodConfig):
     bf16: bool = Field(False, description="bf16 autocast for training on CPU (only fast with AVX512-BF16/AMX)")
     validate_every: int = Field(5, gt=0, description="epochs between checks (validation or training loss)")
     patience: int | None = Field(None, gt=0, description="stop after this many checks without improvement")
-    row_weights: str | None = Field(None, description="statistic key giving per-row loss weights (data-aware)")
 
     @model_validator(mode="after")
     def _width_needs_mlp(self) -> AEConfig:
@@ -91,19 +93,6 @@ class AEConfig(MethodConfig):
         if self.init == "pca" and self.arch != "linear":
             raise ValueError("init=pca needs arch=linear")
         return self
-
-
-def cos_rmse_loss(cos_weight: float, rmse_weight: float) -> LossFn:
-    """cos_weight · mean(1 − cos(ŵᵢ, wᵢ)) + rmse_weight · RMSE(Ŵ, W), optionally row-weighted."""
-
-    def loss(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None, epoch: int) -> torch.Tensor:
-        dis = 1 - F.cosine_similarity(pred, target, dim=1)
-        se = (pred - target).pow(2).mean(dim=1)
-        if w is not None:
-            dis, se = dis * w, se * w
-        return cos_weight * dis.mean() + rmse_weight * (se.mean() + 1e-12).sqrt()
-
-    return loss
 
 
 def _linear_layers(sizes: list[int], act: Callable[[], nn.Module], last: nn.Module | None) -> nn.Sequential:
@@ -137,10 +126,19 @@ def decoder_params(d: int, x: int, m: int, arch: str) -> int:
 
 
 @torch.no_grad()
-def projection_scale(decoder: nn.Module, Z: torch.Tensor, X: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Per-row least-squares scale sᵢ = ⟨ûᵢ, wᵢ⟩ of the decoded unit directions ûᵢ (= cos·‖wᵢ‖)."""
-    return torch.cat([(F.normalize(decoder(Z[i:i + chunk]), dim=1) * X[i:i + chunk]).sum(dim=1)
-                      for i in range(0, len(Z), chunk)])
+def projection_scale(decoder: nn.Module, Z: torch.Tensor, X: torch.Tensor, S: torch.Tensor | None = None,
+                     chunk: int = 8192) -> torch.Tensor:
+    """Per-row least-squares scale of the decoded unit directions ûᵢ: sᵢ = ⟨ûᵢ, wᵢ⟩ (= cos·‖wᵢ‖), or,
+    measured after the whitening S, ⟨ûᵢS, wᵢS⟩ / ‖ûᵢS‖²."""
+    out = []
+    for i in range(0, len(Z), chunk):
+        u, w = F.normalize(decoder(Z[i:i + chunk]), dim=1), X[i:i + chunk]
+        if S is not None:
+            u, w = u @ S, w @ S
+            out.append((u * w).sum(dim=1) / u.pow(2).sum(dim=1).clamp_min(1e-30))
+        else:
+            out.append((u * w).sum(dim=1))
+    return torch.cat(out)
 
 
 def ae_stored(n: int, m: int, d: int, x: int, arch: str) -> int:
@@ -152,6 +150,9 @@ class AE(Method):
     name = "ae"
     Config = AEConfig
     joint_shapes = "columns"
+
+    def stats_needed(self, cfg: AEConfig) -> tuple[str, ...]:
+        return data_stats(cfg)
 
     def solve(self, unit: FitUnit, cfg: AEConfig) -> dict[str, Any]:
         n, m = sum(s[0] for s in unit.shapes), unit.shapes[0][1]
@@ -195,28 +196,35 @@ class AE(Method):
         m, d, x = unit.shapes[0][1], hyper["latent"], hyper["width"]
         X = stacked_weight(originals, ctx.device, torch.float32)
         norms = X.norm(dim=1)
-        weights = row_weights(unit, cfg.row_weights, ctx)
+        loss, weights = data_loss(cos_rmse_loss(cfg.cos_weight, cfg.rmse_weight), unit, cfg, ctx)
+        S = whitening_matrix(unit, ctx) if cfg.loss_space == "whitened" else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
             encoder = make_encoder(m, d, x, cfg).to(ctx.device)
             decoder = make_decoder(d, m, x, cfg).to(ctx.device)
         pca = cfg.arch == "linear" and cfg.init != "random"
         if pca:
-            pca_init(encoder, decoder, X)
+            pca_init(encoder, decoder, X, S)
 
         def reconstruct(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return F.normalize(out, dim=1) * norms[idx, None]
+            u = F.normalize(out, dim=1)
+            if S is not None and cfg.scale == "fit":
+                # Whitened rows have other norms than ‖wᵢ‖: enforcing ‖wᵢ‖ would undo what the whitened
+                # loss asks for, so training already uses the stored least-squares scale.
+                uS, wS = u @ S, X[idx] @ S
+                return u * ((uS * wS).sum(dim=1) / uS.pow(2).sum(dim=1).clamp_min(1e-30))[:, None]
+            return u * norms[idx, None]
 
         def layers() -> list[CompressedModule]:
             built = self.build(unit, cfg, hyper, originals)
             Z = encode_all(encoder, X)
-            scale = norms if cfg.scale == "norm" else projection_scale(decoder, Z, X)
+            scale = norms if cfg.scale == "norm" else projection_scale(decoder, Z, X, S)
             return fill_decoded(built, originals, unit, Z, decoder, scale)
 
         score = (lambda: ctx.validate(dict(zip(unit.names, layers())))) if ctx.validate else None
         spec = TrainSpec(cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_step, cfg.lr_gamma, cfg.validate_every,
                          cfg.patience, cfg.bf16)
-        train_autoencoder(X, encoder, decoder, reconstruct, cos_rmse_loss(cfg.cos_weight, cfg.rmse_weight), spec,
+        train_autoencoder(X, encoder, decoder, reconstruct, loss, spec,
                           weights=weights, seed=ctx.seed, score=score, select_epoch=cfg.epochs, ctx=ctx,
                           label=fit_label(unit), score_initial=pca)
         return layers()

@@ -111,6 +111,9 @@ class AEEmbed(Method):
     joint_shapes = "columns"
     kinds = ("embedding",)
 
+    def stats_needed(self, cfg: AEEmbedConfig) -> tuple[str, ...]:
+        return (cfg.row_weights,) if cfg.row_weights else ()
+
     def solve(self, unit: FitUnit, cfg: AEEmbedConfig) -> dict[str, Any]:
         n, m = sum(s[0] for s in unit.shapes), unit.shapes[0][1]
         b, orig = unit.budget, unit.original_params

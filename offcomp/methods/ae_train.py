@@ -1,19 +1,102 @@
-"""Training machinery shared by the autoencoder methods (`ae`, `ae-embed`): the mini-batch loop
-with validation-based early stopping, PCA initialisation, per-row loss weights and budget search."""
+"""Training machinery shared by the trained methods (`ae`, `ae-embed`, and the refinement of
+`kronecker` / `tucker`): the mini-batch loop with validation-based early stopping, PCA
+initialisation, the AE loss, budget search, and the data-aware losses.
+
+Data-aware training (options shared by those methods): the reconstruction error of a weight row
+can be measured where it matters, on the layer's inputs, rather than on the weights.
+- `loss_space: whitened` compares rows after multiplying by S with S Sᵀ = XᵀX (the captured Gram
+  of the layer's input, as SVD-LLM whitens): ‖(ŵᵢ − wᵢ) S‖ = ‖(ŵᵢ − wᵢ) Xᵀ‖, the error of output
+  channel i on the calibration tokens. S is scaled to ‖S‖²_F = m, so isotropic inputs give back
+  the plain loss.
+- `row_weights: fisher_row` weights each row's loss by its Fisher importance (as FWSVD weights
+  rows), normalised to mean 1.
+"""
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from ..errors import OffcompError
-from ..registry import FitContext, FitUnit
+from ..registry import FitContext, FitUnit, MethodConfig
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor]
+
+
+class DataLossConfig(MethodConfig):
+    """Options of every method that trains against weight rows (see the module docstring)."""
+
+    loss_space: Literal["weights", "whitened"] = Field(
+        "weights", description="whitened: measure row errors on the inputs, ‖(ŵ − w)S‖ with SSᵀ = XᵀX (needs xtx)")
+    row_weights: str | None = Field(None, description="statistic giving per-row loss weights, e.g. fisher_row")
+
+
+class RefineConfig(DataLossConfig):
+    """Options of the AE-loss refinement that `kronecker` and `tucker` may run after their optimal init."""
+
+    refine_epochs: int = Field(0, ge=0, description="epochs of AE-loss refinement after the optimal init")
+    refine_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the refinement")
+    refine_batch: int = Field(16, ge=1, description="weight rows per refinement step")
+    validate_every: int = Field(1, ge=1, description="epochs between ctx.validate scores (early stopping)")
+
+    @model_validator(mode="after")
+    def _data_loss_needs_refinement(self) -> RefineConfig:
+        if (self.loss_space != "weights" or self.row_weights) and not self.refine_epochs:
+            raise ValueError("loss_space/row_weights shape the refinement loss: set refine_epochs > 0")
+        return self
+
+
+def data_stats(cfg: DataLossConfig) -> tuple[str, ...]:
+    """The calibration statistics the data-aware options read."""
+    return (("xtx",) if cfg.loss_space == "whitened" else ()) + ((cfg.row_weights,) if cfg.row_weights else ())
+
+
+def cos_rmse_loss(cos_weight: float = 0.9091, rmse_weight: float = 0.0909) -> LossFn:
+    """The AE paper's loss over weight rows: cos_weight · mean(1 − cos(ŵᵢ, wᵢ)) + rmse_weight · RMSE(Ŵ, W),
+    optionally row-weighted."""
+
+    def loss(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None, epoch: int) -> torch.Tensor:
+        dis = 1 - F.cosine_similarity(pred, target, dim=1, eps=1e-8)
+        se = (pred - target).pow(2).mean(dim=1)
+        if w is not None:
+            dis, se = dis * w, se * w
+        return cos_weight * dis.mean() + rmse_weight * (se.mean() + 1e-12).sqrt()
+
+    return loss
+
+
+def whitening_matrix(unit: FitUnit, ctx: FitContext) -> torch.Tensor:
+    """S (m × m, float32) with S Sᵀ ∝ XᵀX summed over the unit's distinct inputs, scaled to ‖S‖²_F = m."""
+    from .svd_llm import unit_whitening
+
+    if "embedding" in unit.kinds:
+        raise OffcompError(f"group {unit.label!r}: loss_space=whitened needs layer inputs, which embeddings do not "
+                           "have; use loss_space: weights")
+    m = unit.shapes[0][1]
+    S = unit_whitening(unit, ctx.stats, 0.0, ctx.log).apply(torch.eye(m, dtype=torch.float64))
+    S = S * math.sqrt(m / float(S.pow(2).sum()))
+    return S.to(device=ctx.device, dtype=torch.float32)
+
+
+def data_loss(base: LossFn, unit: FitUnit, cfg: DataLossConfig, ctx: FitContext) -> tuple[LossFn, torch.Tensor | None]:
+    """`base` measured as the data-aware options ask, and the per-row weights (or None)."""
+    weights = row_weights(unit, cfg.row_weights, ctx)
+    if cfg.loss_space == "weights":
+        return base, weights
+    S = whitening_matrix(unit, ctx)
+
+    def loss(pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None, epoch: int) -> torch.Tensor:
+        return base(pred @ S, target @ S, w, epoch)
+
+    return loss, weights
 
 
 @dataclass
@@ -42,19 +125,29 @@ def encode_all(encoder: nn.Module, X: torch.Tensor, chunk: int = 8192) -> torch.
 
 
 @torch.no_grad()
-def pca_init(encoder: nn.Linear, decoder: nn.Linear, X: torch.Tensor) -> None:
+def pca_init(encoder: nn.Linear, decoder: nn.Linear, X: torch.Tensor, S: torch.Tensor | None = None) -> None:
     """Start a linear AE at PCA: z = V(x − μ), x̂ = Vᵀz + μ with V the top-d right singular vectors
-    of the centred rows, i.e. the best rank-d affine reconstruction in Frobenius norm."""
-    mu = X.mean(dim=0)
-    Xc = (X - mu).double()
-    _, vecs = torch.linalg.eigh(Xc.T @ Xc)  # m × m: cheaper than an SVD of the tall n × m matrix
+    of the centred rows, i.e. the best rank-d affine reconstruction in Frobenius norm. With a
+    whitening S the PCA is of the rows x S (the best fit of the whitened loss), mapped back by S⁻¹."""
+    Y = X if S is None else X @ S
+    mu = Y.mean(dim=0)
+    Yc = (Y - mu).double()
+    _, vecs = torch.linalg.eigh(Yc.T @ Yc)  # m × m: cheaper than an SVD of the tall n × m matrix
     V = vecs.flip(1)[:, : encoder.out_features].T.float()
     if V.shape[0] < encoder.out_features:  # latent wider than the data's rank: pad with zeros
         V = torch.cat([V, V.new_zeros(encoder.out_features - V.shape[0], V.shape[1])])
-    encoder.weight.copy_(V)
+    if S is None:
+        encoder.weight.copy_(V)
+        encoder.bias.copy_(-(V @ mu))
+        decoder.weight.copy_(V.T)
+        decoder.bias.copy_(mu)
+        return
+    # z = (x S − μ) Vᵀ, x̂ = (z V + μ) S⁻¹: the encoder reads x through S, the decoder writes through S⁻¹
+    S_inv = torch.linalg.inv(S.double()).float()
+    encoder.weight.copy_(V @ S.T)
     encoder.bias.copy_(-(V @ mu))
-    decoder.weight.copy_(V.T)
-    decoder.bias.copy_(mu)
+    decoder.weight.copy_((V @ S_inv).T)
+    decoder.bias.copy_(mu @ S_inv)
 
 
 def full_loss(encoder: nn.Module, decoder: nn.Module, reconstruct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -192,3 +285,62 @@ def largest(cost: Callable[[int], int], target: int, lo: int = 1) -> int:
         mid = (a + b) // 2
         a, b = (mid, b) if cost(mid) <= target else (a, mid)
     return a
+
+
+def refine_rows(
+    params: list[torch.Tensor],
+    rows: Callable[[torch.Tensor], torch.Tensor],
+    target: torch.Tensor,
+    cfg: RefineConfig,
+    unit: FitUnit,
+    ctx: FitContext,
+    *,
+    modules: Callable[[], dict[str, nn.Module]] | None = None,
+) -> float:
+    """Adam on the AE loss (data-aware if `cfg` says so) over the rows of the stacked weights
+    `target` (N × m, in the unit's module order).
+
+    `rows(idx)` reconstructs rows idx from `params` (leaf tensors, updated in place). The state
+    before the first step is a candidate too, and the best one is restored at the end: scored by
+    ctx.validate(modules()) every `validate_every` epochs when both are given, else by the full
+    training loss after every epoch. Returns the best score."""
+    loss_fn, weights = data_loss(cos_rmse_loss(), unit, cfg, ctx)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.refine_lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.8)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    use_val = ctx.validate is not None and modules is not None
+
+    def w(idx: torch.Tensor) -> torch.Tensor | None:
+        return None if weights is None else weights[idx]
+
+    @torch.no_grad()
+    def score() -> float:
+        if use_val:
+            return float(ctx.validate(modules()))  # type: ignore[misc]
+        idx = torch.arange(target.shape[0], device=target.device)
+        parts = [loss_fn(rows(i), target[i], w(i), 0) * len(i) for i in idx.split(4096)]
+        return float(sum(parts) / target.shape[0])
+
+    best, best_state = score(), [p.detach().clone() for p in params]
+    ctx.log(f"{unit.label}: refine start, score {best:.6g}")
+    for ep in range(1, cfg.refine_epochs + 1):
+        perm = torch.randperm(target.shape[0], generator=gen).to(target.device)
+        for idx in perm.split(cfg.refine_batch):
+            loss = loss_fn(rows(idx), target[idx], w(idx), ep)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if not use_val or ep % cfg.validate_every == 0 or ep == cfg.refine_epochs:
+            s = score()
+            ctx.log(f"{unit.label}: refine epoch {ep}/{cfg.refine_epochs}, score {s:.6g}")
+            if s < best:
+                best, best_state = s, [p.detach().clone() for p in params]
+        ctx.progress(f"refining {unit.label}", ep, cfg.refine_epochs)
+    with torch.no_grad():
+        for p, b in zip(params, best_state):
+            p.copy_(b)
+            p.requires_grad_(False)
+    return best

@@ -14,22 +14,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn as nn
 from pydantic import Field
 
 from ..errors import OffcompError
-from ..layers import CompressedModule
-from ..registry import FitContext, FitUnit, Method, MethodConfig, register
-from .lowrank import (
-    assign_factors,
-    build_lowrank,
-    solve_rank,
-    split_rows,
-    stacked_weight,
-    stored_lowrank,
-    weighted_factors,
-)
-from .util import torch_dtype
+from ..registry import FitContext, FitUnit, MethodConfig, register
+from .lowrank import LowRankMethod
 
 
 class FWSVDConfig(MethodConfig):
@@ -62,30 +51,11 @@ def fisher_row_weights(unit: FitUnit, stats: Any, floor: float, log: Any = None)
 
 
 @register
-class FWSVD(Method):
+class FWSVD(LowRankMethod):
     name = "fwsvd"
     Config = FWSVDConfig
-    joint_shapes = "columns"
     kinds = ("linear",)
     needs_stats = ("fisher_row",)
 
-    def solve(self, unit: FitUnit, cfg: FWSVDConfig) -> dict[str, Any]:
-        return solve_rank(unit)
-
-    def stored_params(self, unit: FitUnit, cfg: FWSVDConfig, hyper: dict[str, Any]) -> int:
-        return stored_lowrank(unit, hyper)
-
-    def build(
-        self, unit: FitUnit, cfg: FWSVDConfig, hyper: dict[str, Any], originals: list[nn.Module]
-    ) -> list[CompressedModule]:
-        return build_lowrank(unit, hyper["rank"], originals)
-
-    def fit(
-        self, unit: FitUnit, cfg: FWSVDConfig, hyper: dict[str, Any], originals: list[nn.Module], ctx: FitContext
-    ) -> list[CompressedModule]:
-        dtype = torch_dtype(cfg.compute_dtype)
-        row = fisher_row_weights(unit, ctx.stats, cfg.floor, ctx.log).to(device=ctx.device, dtype=dtype)
-        W = stacked_weight(originals, ctx.device, dtype)
-        L, R = weighted_factors(W, hyper["rank"], unit.joint, row=row)
-        layers = self.build(unit, cfg, hyper, originals)
-        return assign_factors(layers, originals, split_rows(L, unit), [R])
+    def scaling(self, unit: FitUnit, cfg: FWSVDConfig, ctx: FitContext) -> tuple[torch.Tensor, None]:
+        return fisher_row_weights(unit, ctx.stats, cfg.floor, ctx.log).to(ctx.device), None

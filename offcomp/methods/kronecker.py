@@ -27,7 +27,6 @@ ones (A 12×24, B 16×24, r = 28) 0.918; for the 30 mlp.down 0.909 vs 0.935.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -37,18 +36,15 @@ from pydantic import Field
 
 from ..errors import OffcompError
 from ..layers import CompressedModule
-from ..registry import FitContext, FitUnit, Method, MethodConfig, check_rank, max_rank, register
+from ..registry import FitContext, FitUnit, Method, check_rank, max_rank, register
+from .ae_train import RefineConfig, data_stats, refine_rows
 from .util import torch_dtype
 
 
-class KroneckerConfig(MethodConfig):
+class KroneckerConfig(RefineConfig):
     out_factors: tuple[int, int] | None = Field(None, description="(n1, n2) with n1·n2 >= out_features")
     in_factors: tuple[int, int] | None = Field(None, description="(m1, m2) with m1·m2 >= in_features")
     compute_dtype: Literal["float64", "float32"] = "float64"
-    refine_epochs: int = Field(0, ge=0, description="epochs of AE-loss refinement after the optimal init")
-    refine_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the refinement")
-    refine_batch: int = Field(16, ge=1, description="weight rows per refinement step")
-    validate_every: int = Field(1, ge=1, description="epochs between ctx.validate scores (early stopping)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,73 +196,6 @@ class KroneckerLinear(CompressedModule):
 
 
 # ---------------------------------------------------------------------------------------------
-# AE-loss refinement, shared with the tucker method
-
-
-def ae_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The AE paper's loss over weight rows: 0.9091·mean(1 − cos(ŵᵢ, wᵢ)) + 0.0909·RMSE."""
-    cos = F.cosine_similarity(pred, target, dim=1, eps=1e-8)
-    return 0.9091 * (1 - cos).mean() + 0.0909 * (pred - target).pow(2).mean().sqrt()
-
-
-def refine_rows(
-    params: list[torch.Tensor],
-    rows: Callable[[torch.Tensor], torch.Tensor],
-    target: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float,
-    batch: int,
-    ctx: FitContext,
-    label: str,
-    modules: Callable[[], dict[str, nn.Module]] | None = None,
-    validate_every: int = 1,
-) -> float:
-    """Adam on the AE loss over the rows of the stacked weights `target` (N × m).
-
-    `rows(idx)` reconstructs rows idx from `params` (leaf tensors, updated in place). The state
-    before the first step is a candidate too, and the best one is restored at the end: scored by
-    ctx.validate(modules()) every `validate_every` epochs when both are given, else by the full
-    AE loss after every epoch. Returns the best score."""
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.8)
-    gen = torch.Generator().manual_seed(ctx.seed)
-    use_val = ctx.validate is not None and modules is not None
-
-    @torch.no_grad()
-    def score() -> float:
-        if use_val:
-            return float(ctx.validate(modules()))  # type: ignore[misc]
-        idx = torch.arange(target.shape[0])
-        parts = [ae_loss(rows(i), target[i]) * len(i) for i in idx.split(4096)]
-        return float(sum(parts) / target.shape[0])
-
-    best, best_state = score(), [p.detach().clone() for p in params]
-    ctx.log(f"{label}: refine start, score {best:.6g}")
-    for ep in range(1, epochs + 1):
-        perm = torch.randperm(target.shape[0], generator=gen).to(target.device)
-        for idx in perm.split(batch):
-            loss = ae_loss(rows(idx), target[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-        if not use_val or ep % validate_every == 0 or ep == epochs:
-            s = score()
-            ctx.log(f"{label}: refine epoch {ep}/{epochs}, score {s:.6g}")
-            if s < best:
-                best, best_state = s, [p.detach().clone() for p in params]
-        ctx.progress(f"refining {label}", ep, epochs)
-    with torch.no_grad():
-        for p, b in zip(params, best_state):
-            p.copy_(b)
-            p.requires_grad_(False)
-    return best
-
-
-# ---------------------------------------------------------------------------------------------
 # the method
 
 
@@ -276,6 +205,9 @@ class Kronecker(Method):
     Config = KroneckerConfig
     joint_shapes = "same"
     kinds = ("linear",)
+
+    def stats_needed(self, cfg: KroneckerConfig) -> tuple[str, ...]:
+        return data_stats(cfg)
 
     def solve(self, unit: FitUnit, cfg: KroneckerConfig) -> dict[str, Any]:
         nf, mf = geometry(unit, cfg)
@@ -335,9 +267,7 @@ class Kronecker(Method):
             def modules() -> dict[str, nn.Module]:
                 return dict(zip(unit.names, _fill(self.build(unit, cfg, hyper, originals), originals, A, B)))
 
-            refine_rows([A, B], rows, W.reshape(L * n, m).float(), epochs=cfg.refine_epochs, lr=cfg.refine_lr,
-                        batch=cfg.refine_batch, ctx=ctx, label=unit.label, modules=modules,
-                        validate_every=cfg.validate_every)
+            refine_rows([A, B], rows, W.reshape(L * n, m).float(), cfg, unit, ctx, modules=modules)
         return _fill(layers, originals, A, B)
 
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from ..layers import CompressedModule, LowRankEmbedding, LowRankLinear
-from ..registry import FitUnit, check_rank, max_rank
+from ..registry import FitContext, FitUnit, Method, check_rank, max_rank
+from .util import torch_dtype
 
 
 def per_rank_cost(unit: FitUnit) -> int:
@@ -215,3 +216,37 @@ def unit_stats(stats: dict[str, dict[str, torch.Tensor]] | None, unit: FitUnit, 
             )
         out[id(t)] = t
     return list(out.values())
+
+
+class LowRankMethod(Method):
+    """The low-rank family as one method shape: the rank comes from the budget, r·(Σnᵢ + m) is
+    stored, and the factors are those of A⁻¹ [A W B]_r B⁻¹. A subclass only says how it weights
+    (`scaling`): svd not at all, fwsvd by rows, asvd and svd-llm on the right."""
+
+    joint_shapes = "columns"
+
+    def solve(self, unit: FitUnit, cfg: Any) -> dict[str, Any]:
+        return solve_rank(unit)
+
+    def stored_params(self, unit: FitUnit, cfg: Any, hyper: dict[str, Any]) -> int:
+        return stored_lowrank(unit, hyper)
+
+    def build(
+        self, unit: FitUnit, cfg: Any, hyper: dict[str, Any], originals: list[nn.Module]
+    ) -> list[CompressedModule]:
+        return build_lowrank(unit, hyper["rank"], originals)
+
+    def scaling(self, unit: FitUnit, cfg: Any, ctx: FitContext) -> tuple[torch.Tensor | None, RightScaling | None]:
+        """(row weights a, right scaling B) of min ‖diag(a) (W − Ŵ) B‖_F; None = identity."""
+        return None, None
+
+    def fit(
+        self, unit: FitUnit, cfg: Any, hyper: dict[str, Any], originals: list[nn.Module], ctx: FitContext
+    ) -> list[CompressedModule]:
+        dtype = torch_dtype(getattr(cfg, "compute_dtype", "float64"))
+        row, right = self.scaling(unit, cfg, ctx)
+        W = stacked_weight(originals, ctx.device, dtype)
+        L, R = weighted_factors(W, hyper["rank"], unit.joint, row=row, right=right)
+        if not (torch.isfinite(L).all() and torch.isfinite(R).all()):  # cannot happen with finite statistics
+            raise FloatingPointError(f"{unit.label}: {self.name} produced non-finite factors")
+        return assign_factors(self.build(unit, cfg, hyper, originals), originals, split_rows(L, unit), [R])

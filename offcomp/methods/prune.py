@@ -180,6 +180,9 @@ class Prune(Method):
     Config = PruneConfig
     joint_shapes = "any"
 
+    def stats_needed(self, cfg: PruneConfig) -> tuple[str, ...]:
+        return ("act_sq",) if cfg.score == "wanda" else ()
+
     def solve(self, unit: FitUnit, cfg: PruneConfig) -> dict[str, Any]:
         b = unit.budget
         if b.kind == "rank":

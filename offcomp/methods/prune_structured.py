@@ -214,6 +214,9 @@ class PruneStructured(Method):
     joint_shapes = "any"
     kinds = ("linear",)
 
+    def stats_needed(self, cfg: PruneStructuredConfig) -> tuple[str, ...]:
+        return ("act_sq",) if cfg.score == "wanda" else ()
+
     def solve(self, unit: FitUnit, cfg: PruneStructuredConfig) -> dict[str, Any]:
         blocks = blocks_of(unit, cfg)
         b = unit.budget

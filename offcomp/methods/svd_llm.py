@@ -14,23 +14,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn as nn
 from pydantic import Field
 
-from ..layers import CompressedModule
-from ..registry import FitContext, FitUnit, Method, MethodConfig, register
-from .lowrank import (
-    RightScaling,
-    assign_factors,
-    build_lowrank,
-    gram_whitening,
-    solve_rank,
-    split_rows,
-    stacked_weight,
-    stored_lowrank,
-    unit_stats,
-    weighted_factors,
-)
+from ..registry import FitContext, FitUnit, MethodConfig, register
+from .lowrank import LowRankMethod, RightScaling, gram_whitening, unit_stats
 
 
 class SVDLLMConfig(MethodConfig):
@@ -50,31 +37,11 @@ def unit_whitening(unit: FitUnit, stats: Any, damp: float, log: Any = None) -> R
 
 
 @register
-class SVDLLM(Method):
+class SVDLLM(LowRankMethod):
     name = "svd-llm"
     Config = SVDLLMConfig
-    joint_shapes = "columns"
     kinds = ("linear",)
     needs_stats = ("xtx",)
 
-    def solve(self, unit: FitUnit, cfg: SVDLLMConfig) -> dict[str, Any]:
-        return solve_rank(unit)
-
-    def stored_params(self, unit: FitUnit, cfg: SVDLLMConfig, hyper: dict[str, Any]) -> int:
-        return stored_lowrank(unit, hyper)
-
-    def build(
-        self, unit: FitUnit, cfg: SVDLLMConfig, hyper: dict[str, Any], originals: list[nn.Module]
-    ) -> list[CompressedModule]:
-        return build_lowrank(unit, hyper["rank"], originals)
-
-    def fit(
-        self, unit: FitUnit, cfg: SVDLLMConfig, hyper: dict[str, Any], originals: list[nn.Module], ctx: FitContext
-    ) -> list[CompressedModule]:
-        right = unit_whitening(unit, ctx.stats, cfg.damp, ctx.log)
-        W = stacked_weight(originals, ctx.device, torch.float64)
-        L, R = weighted_factors(W, hyper["rank"], unit.joint, right=right)
-        if not (torch.isfinite(L).all() and torch.isfinite(R).all()):  # cannot happen with a finite Gram
-            raise FloatingPointError(f"{unit.label}: svd-llm produced non-finite factors")
-        layers = self.build(unit, cfg, hyper, originals)
-        return assign_factors(layers, originals, split_rows(L, unit), [R])
+    def scaling(self, unit: FitUnit, cfg: SVDLLMConfig, ctx: FitContext) -> tuple[None, RightScaling]:
+        return None, unit_whitening(unit, ctx.stats, cfg.damp, ctx.log)

@@ -41,24 +41,20 @@ from pydantic import Field
 
 from ..errors import OffcompError
 from ..layers import CompressedModule
-from ..registry import FitContext, FitUnit, Method, MethodConfig, register
-from .kronecker import refine_rows
+from ..registry import FitContext, FitUnit, Method, register
+from .ae_train import RefineConfig, data_stats, refine_rows
 from .util import torch_dtype
 
 MODES = ("heads", "head_dim", "other")
 
 
-class TuckerConfig(MethodConfig):
+class TuckerConfig(RefineConfig):
     head_dim: int | None = Field(None, ge=1, description="size of one head (hidden_size / num_attention_heads)")
     split: Literal["out", "in"] = Field("out", description="which dimension holds the heads: out (q/k/v), in (o)")
     rank_power: float = Field(0.5, ge=0, le=1, description="budget rule: ranks ∝ mode size ** rank_power")
     compute_dtype: Literal["float64", "float32"] = "float64"
     n_iter_max: int = Field(100, ge=1, description="HOOI iterations at most")
     tol: float = Field(1e-4, gt=0, description="HOOI stops when the relative error changes less than this")
-    refine_epochs: int = Field(0, ge=0, description="epochs of AE-loss refinement after HOOI")
-    refine_lr: float = Field(1e-4, gt=0)
-    refine_batch: int = Field(16, ge=1)
-    validate_every: int = Field(1, ge=1)
 
 
 @dataclass(frozen=True)
@@ -265,6 +261,9 @@ class Tucker(Method):
     joint_shapes = "any"  # checked in `geometry`, which knows the split
     kinds = ("linear",)
 
+    def stats_needed(self, cfg: TuckerConfig) -> tuple[str, ...]:
+        return data_stats(cfg)
+
     def solve(self, unit: FitUnit, cfg: TuckerConfig) -> dict[str, Any]:
         geo = geometry(unit, cfg)
         sizes = geo.sizes
@@ -323,11 +322,9 @@ class Tucker(Method):
         layers = self.build(unit, cfg, hyper, originals)
         if cfg.refine_epochs:
             factors = [f.float().contiguous() for f in factors]
-            refine_rows(factors, _row_fn(factors, geo, cfg.split), _row_target(originals, ctx.device),
-                        epochs=cfg.refine_epochs, lr=cfg.refine_lr, batch=cfg.refine_batch, ctx=ctx, label=unit.label,
+            refine_rows(factors, _row_fn(factors, geo, cfg.split), _row_target(originals, ctx.device), cfg, unit, ctx,
                         modules=lambda: dict(zip(unit.names, _fill(self.build(unit, cfg, hyper, originals),
-                                                                   originals, factors, geo))),
-                        validate_every=cfg.validate_every)
+                                                                   originals, factors, geo))))
         return _fill(layers, originals, factors, geo)
 
 

@@ -1,0 +1,158 @@
+"""Quality benchmark (run by hand, not a test): compress, then WikiText-2 test perplexity.
+
+Every (method, budget) pair is one `offcomp compress` run (validation-selected where the method
+trains, on wiki.valid.raw, never the test split) followed by one `offcomp eval-ppl` on the first
+`--eval-tokens` test tokens. Rows are written to OUT/results.jsonl as they finish (a re-run skips
+the rows already there) and the whole table to OUT/table.md.
+
+Presets (`--suite`):
+  paper       issue 3: one module type jointly across all layers (the paper's regime), cr 3/10/25,
+              svd / ae / kronecker / tucker / prune, 32 x 1024 test tokens.
+  data-aware  issue 4: every decoder linear, separately, ratio 0.9-0.6, data-free vs data-aware,
+              64 x 1024 calibration tokens from wiki.valid.raw, 64 x 1024 test tokens.
+
+Calibration statistics (captured once from wiki.valid.raw and cached) go only to the methods that
+use them. A method is `name` or `name:key=value,key=value` (its options), e.g. `ae:scale=fit`; `+alloc` at
+the end spreads the ratio over groups by measured sensitivity (`allocate`), e.g. `svd-llm+alloc`.
+
+    .venv/bin/python bench/quality.py --suite paper --out runs/bench/quality-paper
+    .venv/bin/python bench/quality.py --suite data-aware --out runs/bench/quality-data-aware
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from offcomp.models import load_model
+from offcomp.pipeline import compress_model, evaluate_ppl, quick_plan
+from offcomp.registry import get_method
+from offcomp.report import fmt_cell
+
+WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw"
+SUITES: dict[str, dict[str, Any]] = {
+    "paper": {"modules": ["attn.q"], "joint": True, "budget": "cr", "values": [3, 10, 25],
+              "methods": ["svd", "ae", "ae:scale=fit", "kronecker", "tucker", "prune", "prune:score=wanda,compare=row"],
+              "eval_tokens": 32768, "calib": 16},
+    "data-aware": {"modules": None, "joint": False, "budget": "ratio", "values": [0.9, 0.8, 0.7, 0.6],
+                   "methods": ["svd", "fwsvd", "asvd", "svd-llm", "svd-llm+alloc"], "eval_tokens": 65536,
+                   "calib": 64},
+}
+KEPT = re.compile(r"kept epoch (\d+) \(validation ([0-9.eE+-]+)\)")  # ae_train's selection log line
+COLUMNS = ["method", "budget", "modules", "group_params", "stored_params", "achieved_cr", "params_after",
+           "valid_ppl", "test_ppl", "compress_s", "eval_s"]
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any], bool]:
+    """`name[:k=v,...][+alloc]` → (method, options, allocate). Values are parsed as YAML scalars."""
+    alloc = spec.endswith("+alloc")
+    spec = spec.removesuffix("+alloc")
+    name, _, opts = spec.partition(":")
+    options = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in opts.split(",") if kv)}
+    return name, options, alloc
+
+
+def run_one(args: argparse.Namespace, cfg: dict[str, Any], spec: str, value: float, model_type: str) -> dict:
+    method, options, alloc = parse_method(spec)
+    budget = {cfg["budget"]: value}
+    plan = quick_plan(model_type, method, modules=cfg["modules"], joint=cfg["joint"], options=options,
+                      allocate={"ratio": value, "criterion": args.alloc_criterion} if alloc else None,
+                      **({} if alloc else budget))
+    tag = f"{spec.replace(':', '-').replace('=', '').replace(',', '-')}-{cfg['budget']}{value}"
+    out = Path(args.out) / tag
+    calib = None
+    if cfg["calib"] and (get_method(method).needs_stats or alloc or options.get("score") == "wanda"):
+        calib = {"data": str(WIKI / "wiki.valid.raw"), "split": "validation", "samples": cfg["calib"],
+                 "seq_len": 1024, "seed": args.seed}
+    valid = {"data": str(WIKI / "wiki.valid.raw"), "max_tokens": args.valid_tokens}
+    man = compress_model(args.model, plan, out, seed=args.seed, calib=calib, valid=valid, overwrite=True,
+                         plan_source=f"bench/quality.py {spec} {cfg['budget']}={value}")
+    rec = evaluate_ppl(str(out), str(WIKI / "wiki.test.raw"), max_tokens=cfg["eval_tokens"], dtype=args.dtype,
+                       seed=args.seed)
+    rep = man["report"]
+    stored, orig = rep["compressed_stored_params"], rep["compressed_original_params"]
+    kept = [m for line in man.get("fit_log", []) for m in KEPT.findall(line)]
+    return {
+        "method": spec, "budget": f"{cfg['budget']} {value}", "modules": ",".join(cfg["modules"] or ["all"])
+        + (" joint" if cfg["joint"] else ""), "group_params": orig, "stored_params": stored,
+        "achieved_cr": round(orig / stored, 3), "params_after": rep["params_after"],
+        "valid_ppl": float(kept[-1][1]) if kept else None,
+        "kept_epoch": int(kept[-1][0]) if kept else None, "test_ppl": rec["ppl"],
+        "compress_s": round(rep["seconds"], 1),
+        "eval_s": round(rec["seconds"], 1), "dir": str(out), "protocol": {
+            "model": rec["model"], "data": rec.get("data"), "seq_len": rec.get("seq_len"),
+            "n_tokens": rec.get("n_tokens"), "dtype": args.dtype, "seed": args.seed,
+            "params_before": rep["params_before"], "calibration": man.get("calibration"),
+            "validation": man.get("validation"), "allocation": (man.get("allocation") or {}).get("criterion")},
+    }
+
+
+def dense_row(args: argparse.Namespace, cfg: dict[str, Any]) -> dict:
+    rec = evaluate_ppl(args.model, str(WIKI / "wiki.test.raw"), max_tokens=cfg["eval_tokens"], dtype=args.dtype,
+                       seed=args.seed, results=Path(args.out) / "dense" / "results.jsonl")
+    return {"method": "dense", "budget": "-", "modules": "-", "group_params": None, "stored_params": None,
+            "achieved_cr": None, "params_after": rec["params_after"], "valid_ppl": None, "test_ppl": rec["ppl"],
+            "compress_s": None, "eval_s": round(rec["seconds"], 1), "dir": None,
+            "protocol": {"model": rec["model"], "data": rec.get("data"), "seq_len": rec.get("seq_len"),
+                         "n_tokens": rec.get("n_tokens"), "dtype": args.dtype, "seed": args.seed}}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt_cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=sorted(SUITES), default="paper")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--modules", nargs="+", help="roles/patterns (default: the suite's)")
+    ap.add_argument("--methods", nargs="+", help="methods (default: the suite's)")
+    ap.add_argument("--values", nargs="+", type=float, help="cr or ratio values (default: the suite's)")
+    ap.add_argument("--eval-tokens", type=int, help="test tokens (default: the suite's)")
+    ap.add_argument("--calib-samples", type=int, help="calibration sequences of 1024 (default: the suite's)")
+    ap.add_argument("--valid-tokens", type=int, default=4096, help="validation tokens for early stopping")
+    ap.add_argument("--alloc-criterion", default="fisher")
+    ap.add_argument("--dtype", default="fp32", help="evaluation dtype (fp32 is faster than bf16 on CPUs without AMX)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cfg = dict(SUITES[args.suite])
+    for key, val in (("modules", args.modules), ("methods", args.methods), ("values", args.values),
+                     ("eval_tokens", args.eval_tokens), ("calib", args.calib_samples)):
+        if val is not None:
+            cfg[key] = val
+    cfg["values"] = [int(v) if float(v).is_integer() and cfg["budget"] == "cr" else v for v in cfg["values"]]
+    args.out = args.out or f"runs/bench/quality-{args.suite}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "results.jsonl"
+    rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    done = {(r["method"], r["budget"]) for r in rows}
+    model_type = load_model(args.model).model.config.model_type
+    todo = [("dense", None)] + [(m, v) for v in cfg["values"] for m in cfg["methods"]]
+    for spec, value in todo:
+        key = (spec, "-" if value is None else f"{cfg['budget']} {value}")
+        if key in done:
+            continue
+        t = time.perf_counter()
+        row = dense_row(args, cfg) if value is None else run_one(args, cfg, spec, value, model_type)
+        row["wall_s"] = round(time.perf_counter() - t, 1)
+        rows.append(row)
+        with open(done_path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        print(f"{spec:>18} {key[1]:>10}  test PPL {row['test_ppl']:.4g}  ({row['wall_s']} s)", flush=True)
+    md = table(rows)
+    (out / "table.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
