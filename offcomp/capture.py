@@ -7,8 +7,9 @@ hooks for Fisher information, and writes one directory:
     capture.json        identity (cache key and what went into it: model sha256, tokenizer, data
                         sha256 + split, samples, seq-len, seed, batch size, loss, what was captured),
                         the module → input map, token count, timing, versions
-    stats.safetensors   "<input>::xtx"       (in, in) float64  Σ_t x_t x_tᵀ over every calibration token
-                        "<input>::act_sq"    (in,)    float64  Σ_t x_tj² (= diag of xtx; for Wanda)
+    stats.safetensors   "<input>::xtx"       (in, in) float64  Σ_t x_t x_tᵀ over every calibration token (fp32
+                                                            products per batch, fp64 sum of batches)
+                        "<input>::act_sq"    (in,)    float64  Σ_t x_tj² (fp64; for Wanda)
                         "<input>::abs_mean"  (in,)    float64  mean_t |x_tj| (for ASVD)
                         "<module>::fisher_row" (out,) float64  Σ_batches Σ_j (∂L_b/∂W_ij)²
                         "<module>::fisher"   (out, in) float32 Σ_batches (∂L_b/∂W_ij)²  (--fisher-full only)
@@ -53,7 +54,7 @@ from .capture_hooks import (  # noqa: F401  (re-exported: the capture API in one
 from .errors import OffcompError
 from .progress import ProgressFn, no_progress
 
-CAPTURE_FORMAT = 1
+CAPTURE_FORMAT = 2  # 2: Gram products in float32 per batch
 META = "capture.json"
 STATS = "stats.safetensors"
 BLOCKS = "blocks"

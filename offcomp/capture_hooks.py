@@ -173,7 +173,6 @@ def collect_stats(
             p.requires_grad_(grads_before[id(p)])
             p.grad = None
     for d in res.inputs.values():
-        d["act_sq"] = d["xtx"].diagonal().clone()
         d["abs_mean"] = d.pop("abs_sum") / max(res.n_tokens, 1)
     return res
 
@@ -245,10 +244,14 @@ def _gram_hook(res: Captured, key: str) -> Any:
         if d is None:
             n = x.shape[1]
             d = res.inputs[key] = {"xtx": torch.zeros(n, n, dtype=torch.float64, device=x.device),
-                                   "abs_sum": torch.zeros(n, dtype=torch.float64, device=x.device)}
+                                   "abs_sum": torch.zeros(n, dtype=torch.float64, device=x.device),
+                                   "act_sq": torch.zeros(n, dtype=torch.float64, device=x.device)}
         d["abs_sum"].add_(x.abs().sum(0, dtype=torch.float64))
-        x = x.to(torch.float64)
-        d["xtx"].addmm_(x.T, x)  # float64 products and accumulation, chunk = one batch of tokens
+        d["act_sq"].add_(x.double().square().sum(0))  # exact diagonal, for Wanda
+        # One batch's products in float32 (as SVD-LLM computes them), accumulated across batches in
+        # float64: float64 products cost twice the forward pass itself on a CPU, float32 ~1/4 of it.
+        x = x.float()
+        d["xtx"].add_(x.T @ x)
     return hook
 
 
