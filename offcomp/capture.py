@@ -204,7 +204,7 @@ def key_material(model_sha: str, tok_sha: str, data_sha: str, split: str, spec: 
     }
 
 
-def _refuse_test(data: str, split: str) -> str:
+def refuse_test_split(data: str, split: str) -> str:
     from .data import canonical_split
 
     canon = canonical_split(split)
@@ -217,7 +217,7 @@ def _refuse_test(data: str, split: str) -> str:
     return canon
 
 
-def _load_source(data: str, split: str) -> Any:
+def load_calibration_text(data: str, split: str) -> Any:
     from .data import load_text
 
     try:
@@ -255,9 +255,9 @@ def run_capture(
     from .models import ModelBundle, load_model
 
     spec.check()
-    _refuse_test(data, split)
+    refuse_test_split(data, split)
     progress = progress or no_progress
-    source = _load_source(data, split)
+    source = load_calibration_text(data, split)
     bundle = model if isinstance(model, ModelBundle) else load_model(model, trust_remote_code=trust_remote_code)
     dev = torch.device(device)
     kind = bundle.kind if bundle.kind in ("causal", "masked") else "encoder"

@@ -125,6 +125,8 @@ def compress(
     allocate: Annotated[float | None, typer.Option(
         help="quick form: keep this fraction of all the matched parameters, ranks spread by sensitivity")] = None,
     allocate_criterion: Annotated[str, typer.Option(help="quick form: whitened, fisher or weight")] = "whitened",
+    modular_epochs: Annotated[int | None, typer.Option(
+        help="quick form: then train each compressed block to reproduce the dense one (needs --calib-data)")] = None,
     device: Device = "cpu",
     seed: int = 0,
     dry_run: Annotated[bool, typer.Option(help="expand and validate the plan, print the table, write nothing")] = False,
@@ -146,9 +148,9 @@ def compress(
 
         stats_data = load_stats(stats)
     if plan is not None:
-        if any(v is not None for v in (rank, ratio, cr, allocate)) or modules or joint or option:
+        if any(v is not None for v in (rank, ratio, cr, allocate, modular_epochs)) or modules or joint or option:
             raise OffcompError(
-                "--rank/--ratio/--cr/--allocate/--modules/--joint/--option belong to the quick form; "
+                "--rank/--ratio/--cr/--allocate/--modular-epochs/--modules/--joint/--option belong to the quick form; "
                 "put them in the plan"
             )
         the_plan, source = load_plan(plan), str(plan)
@@ -164,7 +166,8 @@ def compress(
         the_plan = quick_plan(model_type, method, rank=rank, ratio=ratio, cr=cr, modules=modules,  # type: ignore[arg-type]
                               layers=layers, joint=joint, options=parse_options(option or []),
                               allocate=None if allocate is None else {"ratio": allocate,
-                                                                      "criterion": allocate_criterion})
+                                                                      "criterion": allocate_criterion},
+                              modular=None if modular_epochs is None else {"epochs": modular_epochs})
         source = f"quick:{method}"
     with rich_progress() as progress:
         calib = None if calib_data is None else {"data": calib_data, "split": calib_split, "samples": calib_samples,

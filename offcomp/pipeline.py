@@ -16,8 +16,10 @@ from .api import compress_, count_params, plan_units
 from .checkpoint import prepare_out_dir, save_compressed, versions
 from .errors import OffcompError
 from .models import ModelBundle, load_model
+from .modular import modular_train, teacher_copy
 from .plan import Group, Plan
 from .progress import ProgressFn, no_progress
+from .registry import get_method
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -43,16 +45,17 @@ def parse_device(name: str) -> torch.device:
 def quick_plan(model_type: str, method: str, *, rank: int | None = None, ratio: float | None = None,
                cr: float | None = None, modules: list[str] | None = None, layers: str = "all",
                joint: bool = False, options: dict[str, Any] | None = None,
-               allocate: dict[str, Any] | None = None) -> Plan:
+               allocate: dict[str, Any] | None = None, modular: dict[str, Any] | None = None) -> Plan:
     """The one-group plan behind `offcomp compress --method M --rank R`: by default every linear
     layer of the transformer blocks (all roles), never the embeddings or the LM head. With
     `allocate` ({"ratio": ..., "criterion": ...}) the group has no budget of its own: ranks are
-    spread by measured sensitivity (offcomp.allocate)."""
+    spread by measured sensitivity (offcomp.allocate). With `modular` ({"epochs": ...}) the compressed
+    blocks are then trained to reproduce the dense ones (offcomp.modular)."""
     mods = modules or sorted(adapter_for(model_type).roles)
     try:
         group = Group(name=f"{method}", modules=mods, layers=layers, joint=joint, method=method,
                       options=options or {}, rank=rank, ratio=ratio, cr=cr)
-        return Plan(groups=[group], allocate=allocate)
+        return Plan(groups=[group], allocate=allocate, modular=modular)
     except ValidationError as e:
         err = e.errors()[0]
         raise OffcompError(f"bad compress options: {err['msg'].removeprefix('Value error, ')}") from None
@@ -84,9 +87,14 @@ def compress_model(
         prepare_out_dir(out, overwrite)
     if calib is not None and stats is not None:
         raise OffcompError("give either --stats DIR or --calib-data, not both")
+    if plan.modular is not None and calib is None and not dry_run:
+        raise OffcompError("modular training needs calibration text: pass --calib-data (e.g. wiki.valid.raw)")
     dev = parse_device(device)
     bundle = load_model(model, trust_remote_code=trust_remote_code)
-    if calib is not None:
+    needs_capture = plan.allocate is not None or any(
+        get_method(g.method).stats_needed(get_method(g.method).parse_config(g.options, g.name or g.method))
+        for g in plan.groups)
+    if calib is not None and (needs_capture or plan.modular is None):
         stats = load_stats(capture_for_plan(bundle, plan, device=device, progress=progress, **calib).path)
     if stats is not None:
         check_stats_model(stats, bundle.sha256)
@@ -116,8 +124,16 @@ def compress_model(
         validate = make_validator(bundle.model, bundle.tokenizer, vsource, max_tokens=valid.get("max_tokens", 4096),
                                   seq_len=valid.get("seq_len", 1024), device=dev)
         validation = {**vsource.describe(), "max_tokens": valid.get("max_tokens", 4096)}
+    teacher = teacher_copy(bundle.model) if plan.modular is not None else None
     report = compress_(bundle.model, run_plan, stats=stats, device=dev, seed=seed, progress=progress,
                        validate=validate, log=notes.append)
+    modular = None
+    if teacher is not None:
+        windows = calibration_windows_for(bundle.tokenizer, plan.modular.samples, **calib)  # type: ignore[arg-type]
+        modular = modular_train(teacher, bundle.model, windows, plan.modular, device=dev, seed=seed,  # type: ignore[arg-type]
+                                progress=progress, log=notes.append)
+        modular["data"] = {k: calib[k] for k in ("data", "split", "seq_len", "seed")}  # type: ignore[index]
+        del teacher
     bundle.model.to("cpu")
     manifest = {
         "base": {"name": bundle.name, "source": bundle.source, "sha256": bundle.sha256},
@@ -126,10 +142,23 @@ def compress_model(
         **({"calibration": calibration} if calibration else {}),
         **({"allocation": allocation} if allocation else {}),
         **({"validation": validation} if validation else {}),
+        **({"modular": modular} if modular else {}),
         **({"fit_log": notes} if notes else {}),
     }
     save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite)
     return {"out": str(out), **manifest, "versions": versions()}
+
+
+def calibration_windows_for(tokenizer: Any, n: int | None, *, data: str, split: str, samples: int, seq_len: int,
+                            seed: int) -> torch.Tensor:
+    """The calibration windows (n or `samples` × seq_len token ids) that capture would draw."""
+    from .capture import load_calibration_text, refuse_test_split
+    from .capture_hooks import calibration_windows
+    from .data import causal_text
+
+    split = refuse_test_split(data, split)
+    ids = torch.tensor(tokenizer(causal_text(load_calibration_text(data, split)), add_special_tokens=False).input_ids)
+    return calibration_windows(ids, n or samples, seq_len, seed)
 
 
 def results_path(bundle: ModelBundle, results: str | Path | None) -> Path:

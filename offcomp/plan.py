@@ -84,11 +84,25 @@ class Allocate(BaseModel):
     min_rank: int = Field(1, ge=1)
 
 
+class ModularConfig(BaseModel):
+    """The plan's `modular:` section: after compression, train each compressed attention/FFN block
+    in isolation to reproduce the dense block (offcomp.modular; needs calibration text)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(2, ge=1, description="passes over the calibration sequences per block")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    mixup: float = Field(0.5, ge=0, description="weight of the mixup term (0: plain MSE)")
+    holdout: float = Field(0.125, ge=0, lt=1, description="share of sequences held out to select the epoch")
+    samples: int | None = Field(None, ge=1, description="calibration sequences to train on (default: all)")
+
+
 class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: Literal[1] = 1
     allocate: Allocate | None = None
+    modular: ModularConfig | None = None
     groups: list[Group] = Field(min_length=1)
 
     @field_validator("groups")

@@ -1,0 +1,262 @@
+"""Modular training: after compression, train each compressed block in isolation to reproduce the
+dense block's outputs (after "Modular Training for Transformer Compression").
+
+The compressed model's attention and FFN blocks are narrowed replacements (their linears are
+low-rank, autoencoded, ...), already initialised by their method (SVD, activation-aware SVD, ...)
+rather than randomly. Each block is then trained on its own, layer after layer: the *dense*
+(teacher) model is run over calibration windows, and every block of layer l sees the inputs the
+dense block saw and learns to give the outputs it gave:
+
+    loss = ‖C(x) − D(x)‖² / E‖D(x)‖²  +  mixup · ‖C(x̃) − D(x̃)‖² / E‖D(x)‖²,  x̃ = λ xᵢ + (1 − λ) xᵢ₊₁
+
+where x̃ mixes neighbouring calibration sequences (λ ~ U(0, 1)) and D(x̃) is computed by the dense
+block on the fly: the mixup term asks C to match D between the calibration points too, which
+regularises a small calibration set. Blocks never see each other's errors (the teacher's hidden
+states are propagated), so layers are independent and memory stays flat: one layer's block
+inputs/outputs at a time (N × L × d floats per tensor).
+
+A block is the smallest module holding all of a layer's attention roles (LLaMA: `self_attn`;
+BERT: `attention`) or FFN roles (LLaMA: `mlp`); when that is the layer itself (BERT's FFN is not
+a module of its own) the whole layer is one block. Only the parameters of compressed modules
+train; parameters shared across layers (a joint group's common factor) stay frozen, because
+training them in layer l would move layers already trained. A held-out share of the sequences
+scores each epoch and the best state is kept (the state before training is a candidate too).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .adapters import adapter_for
+from .errors import OffcompError
+from .layers import CompressedModule
+from .plan import ModularConfig
+from .progress import ProgressFn, no_progress
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _split(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple, dict[str, Any], bool]:
+    """(hidden states, other args, other kwargs, hidden given by keyword?) of a block call."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs), False
+    kw = dict(kwargs)
+    return kw.pop("hidden_states"), (), kw, True
+
+
+class BlockCall:
+    """How a block was called by its layer: everything but the hidden states, which is the same
+    for every calibration window of one length (rotary embeddings, masks)."""
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any], by_keyword: bool) -> None:
+        self.args, self.kwargs, self.by_keyword = args, kwargs, by_keyword
+
+    def __call__(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.by_keyword:
+            return _first(block(*self.args, hidden_states=x, **self.kwargs))
+        return _first(block(x, *self.args, **self.kwargs))
+
+
+def _layer_list(model: nn.Module) -> list[nn.Module]:
+    suffix = adapter_for(model).layers
+    for name, mod in model.named_modules():
+        if (name == suffix or name.endswith("." + suffix)) and isinstance(mod, nn.ModuleList):
+            return list(mod)
+    raise OffcompError(f"cannot find the block list {suffix!r} in {type(model).__name__}")
+
+
+def block_paths(layer: nn.Module, roles: dict[str, str]) -> list[str]:
+    """Dotted paths (inside a layer) of its attention and FFN blocks; [""] when a block is the layer."""
+    present = {n for n, _ in layer.named_modules()}
+    paths = []
+    for prefix in ("attn.", "mlp."):
+        names = [p.split(".") for r, p in roles.items() if r.startswith(prefix) and p in present]
+        if not names:
+            continue
+        common: list[str] = []
+        for parts in zip(*names):
+            if len(set(parts)) > 1:
+                break
+            common.append(parts[0])
+        paths.append(".".join(common[: min(len(n) for n in names) - 1]))
+    return [""] if "" in paths else paths
+
+
+def _trainable(block: nn.Module, shared: set[int]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for m in block.modules():
+        if isinstance(m, CompressedModule):
+            for p in m.parameters():
+                if id(p) not in shared and p.is_floating_point():
+                    seen[id(p)] = p
+    return list(seen.values())
+
+
+def _layer_inputs(teacher: nn.Module, first: nn.Module, windows: torch.Tensor,
+                  device: torch.device) -> tuple[list[torch.Tensor], BlockCall]:
+    """Hidden states entering the first layer for every window, and how the layers are called."""
+    seen: dict[str, Any] = {"x": []}
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        x, rest, kw, by_kw = _split(args, kwargs)
+        seen["x"].append(x.detach())
+        seen.setdefault("call", BlockCall(rest, kw, by_kw))
+        raise _Stop
+
+    h = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for w in windows:
+                try:
+                    teacher(input_ids=w[None].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return seen["x"], seen["call"]
+
+
+def _capture_blocks(layer: nn.Module, paths: list[str], hidden: list[torch.Tensor], call: BlockCall):
+    """Run the teacher layer over every window: its outputs, and each block's inputs, outputs and call."""
+    io: dict[str, dict[str, Any]] = {p: {"x": [], "y": []} for p in paths}
+    handles = []
+    for p in paths:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any, p: str = p) -> None:
+            x, rest, kw, by_kw = _split(args, kwargs)
+            io[p]["x"].append(x.detach())
+            io[p]["y"].append(_first(out).detach())
+            io[p].setdefault("call", BlockCall(rest, kw, by_kw))
+
+        handles.append(layer.get_submodule(p).register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            outs = [call(layer, x) for x in hidden]
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, io
+
+
+def _nmse(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).mean() / scale
+
+
+def train_block(teacher: nn.Module, student: nn.Module, io: dict[str, Any], params: list[nn.Parameter],
+                cfg: ModularConfig, gen: torch.Generator, label: str, progress: ProgressFn) -> dict[str, Any]:
+    """Train `params` (inside `student`) so that the student block reproduces the teacher block."""
+    xs, ys, call = io["x"], io["y"], io["call"]
+    n = len(xs)
+    n_hold = min(n - 1, round(n * cfg.holdout)) if n > 1 else 0
+    train, hold = list(range(n - n_hold)), list(range(n - n_hold, n)) or list(range(n))
+    scale = float(torch.stack([ys[i].float().pow(2).mean() for i in train]).mean()) or 1.0
+    flags = {id(p): p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+    @torch.no_grad()
+    def held_out() -> float:
+        return float(sum(_nmse(call(student, xs[i]), ys[i], scale) for i in hold) / len(hold))
+
+    t0 = time.perf_counter()
+    best = first = held_out()
+    best_state, best_epoch = [p.detach().clone() for p in params], 0
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            order = torch.randperm(len(train), generator=gen).tolist()
+            for step, k in enumerate(order):
+                i = train[k]
+                loss = _nmse(call(student, xs[i]), ys[i], scale)
+                if cfg.mixup > 0 and len(train) > 1:
+                    j = train[(k + 1) % len(train)]
+                    lam = float(torch.rand((), generator=gen))
+                    xm = lam * xs[i] + (1 - lam) * xs[j]
+                    with torch.no_grad():
+                        ym = call(teacher, xm)
+                    loss = loss + cfg.mixup * _nmse(call(student, xm), ym, scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                progress(f"modular {label}", (epoch - 1) * len(order) + step + 1, cfg.epochs * len(order))
+            score = held_out()
+            if score < best:
+                best, best_epoch = score, epoch
+                best_state = [p.detach().clone() for p in params]
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, best_state):
+                p.copy_(b)
+        for p in student.parameters():
+            p.requires_grad_(flags[id(p)])
+    return {"block": label, "params": sum(p.numel() for p in params), "nmse_before": first, "nmse_after": best,
+            "best_epoch": best_epoch, "seconds": time.perf_counter() - t0}
+
+
+def modular_train(
+    teacher: nn.Module,
+    student: nn.Module,
+    windows: torch.Tensor,
+    cfg: ModularConfig,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Train every compressed block of `student` towards the matching block of the dense `teacher`
+    on calibration `windows` (N × L token ids), layer by layer; returns a record for the manifest."""
+    progress = progress or no_progress
+    log = log or (lambda msg: None)
+    dev = torch.device(device)
+    t_layers, s_layers = _layer_list(teacher), _layer_list(student)
+    if len(t_layers) != len(s_layers):
+        raise OffcompError("modular training needs the dense and the compressed model of one architecture")
+    roles = adapter_for(student).roles
+    owners: dict[int, set[int]] = {}
+    for i, layer in enumerate(s_layers):
+        for m in layer.modules():
+            if isinstance(m, CompressedModule):
+                for p in m.parameters():
+                    owners.setdefault(id(p), set()).add(i)
+    shared = {pid for pid, ls in owners.items() if len(ls) > 1}
+    if shared:
+        log(f"modular: {len(shared)} tensors shared across layers (joint groups) stay frozen")
+    if not owners:
+        raise OffcompError("modular training found no compressed modules; compress something first")
+    t0 = time.perf_counter()
+    teacher.eval()
+    student.eval()  # no dropout: the block outputs are the regression targets
+    gen = torch.Generator().manual_seed(seed)
+    hidden, call = _layer_inputs(teacher, t_layers[0], windows, dev)
+    blocks = []
+    for i, (tl, sl) in enumerate(zip(t_layers, s_layers)):
+        paths = [p for p in block_paths(sl, roles) if _trainable(sl.get_submodule(p), shared)]
+        outs, io = _capture_blocks(tl, paths, hidden, call)
+        for p in paths:
+            label = f"layers.{i}" + (f".{p}" if p else "")
+            rec = train_block(tl.get_submodule(p), sl.get_submodule(p), io[p], _trainable(sl.get_submodule(p), shared),
+                              cfg, gen, label, progress)
+            log(f"modular {label}: normalised MSE {rec['nmse_before']:.4g} → {rec['nmse_after']:.4g} "
+                f"(epoch {rec['best_epoch']})")
+            blocks.append(rec)
+        hidden = outs
+    return {"config": cfg.model_dump(), "windows": list(windows.shape), "seed": seed, "blocks": blocks,
+            "frozen_shared_tensors": len(shared), "seconds": time.perf_counter() - t0}
+
+
+def teacher_copy(model: nn.Module) -> nn.Module:
+    """The dense model kept as the teacher before compression swaps modules in place."""
+    return copy.deepcopy(model).eval()
