@@ -63,9 +63,10 @@ def run_one(args: argparse.Namespace, cfg: dict[str, Any], spec: str, value: flo
     method, options, extras = parse_method(spec)
     alloc = "alloc" in extras
     budget = {cfg["budget"]: value}
+    modular = {"epochs": args.modular_epochs, "samples": args.modular_samples} if "modular" in extras else None
     plan = quick_plan(model_type, method, modules=cfg["modules"], joint=cfg["joint"], options=options,
                       allocate={"ratio": value, "criterion": args.alloc_criterion} if alloc else None,
-                      modular={"epochs": args.modular_epochs} if "modular" in extras else None,
+                      modular=modular,
                       **({} if alloc else budget))
     tag = f"{spec.replace(':', '-').replace('=', '').replace(',', '-')}-{cfg['budget']}{value}"
     out = Path(args.out) / tag
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--valid-tokens", type=int, default=4096, help="validation tokens for early stopping")
     ap.add_argument("--alloc-criterion", default="fisher")
     ap.add_argument("--modular-epochs", type=int, default=2, help="epochs of `+modular` block training")
+    ap.add_argument("--modular-samples", type=int, default=16, help="calibration sequences of `+modular`")
     ap.add_argument("--dtype", default="fp32", help="evaluation dtype (fp32 is faster than bf16 on CPUs without AMX)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
