@@ -43,6 +43,26 @@ def tiny_bert(vocab_size: int = 128, layers: int = 2, seed: int = 0, head: str =
     return (BertForMaskedLM if head == "masked-lm" else BertModel)(cfg).eval()
 
 
+def save_model_dir(model, tokenizer, path):
+    """A local model directory (config, weights, tokenizer), as `offcomp` commands take one."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def one_thread(request):
+    """One intra-op thread for tiny models: small matmuls gain nothing from threads, and on a busy
+    2-core machine OpenMP spin-waits make them several times slower. End-to-end tests keep all."""
+    if request.node.get_closest_marker("e2e"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -21,14 +21,7 @@ from .conftest import tiny_llama
 FAST = {"epochs": 4, "validate_every": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny AE steps gain nothing from intra-op threads, and on a shared machine the spinning
-    OpenMP workers make every small op ~10x slower; run this file single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linears(weights: list[torch.Tensor], bias: bool = True) -> list[nn.Linear]:

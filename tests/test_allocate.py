@@ -17,7 +17,7 @@ from offcomp.cli import app
 from offcomp.errors import OffcompError
 from offcomp.plan import parse_plan
 
-from .conftest import tiny_llama
+from .conftest import save_model_dir, tiny_llama
 
 
 def set_weight(model, name, w):
@@ -126,8 +126,7 @@ def test_plan_validation():
 def test_cli_allocate_with_on_the_fly_capture(tmp_path, bert_tokenizer, monkeypatch):
     monkeypatch.setenv("OFFCOMP_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "llama"
-    tiny_llama(vocab_size=len(bert_tokenizer)).save_pretrained(d)
-    bert_tokenizer.save_pretrained(d)
+    save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer)), bert_tokenizer, d)
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["compress", "-m", str(d), "--method", "svd-llm", "--allocate", "0.5",
                                  "--calib-data", "embedded", "--calib-samples", "2", "--calib-seq-len", "32",

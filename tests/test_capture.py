@@ -24,7 +24,7 @@ from offcomp.capture import (
 from offcomp.cli import app
 from offcomp.errors import OffcompError
 
-from .conftest import tiny_bert, tiny_llama
+from .conftest import save_model_dir, tiny_bert, tiny_llama
 
 
 def manual_inputs(model, names, batches):
@@ -123,8 +123,7 @@ def model_dirs(tmp_path_factory, bert_tokenizer):
     out = []
     for seed in (0, 1):
         d = root / f"llama{seed}"
-        tiny_llama(vocab_size=len(bert_tokenizer), seed=seed).save_pretrained(d)
-        bert_tokenizer.save_pretrained(d)
+        save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer), seed=seed), bert_tokenizer, d)
         out.append(d)
     return out
 
@@ -212,8 +211,7 @@ def test_block_shards_hold_block_inputs_and_outputs(tmp_path, model_dirs):
 
 def test_encoder_without_head_refuses_fisher(tmp_path, bert_tokenizer):
     d = tmp_path / "bert"
-    tiny_bert(vocab_size=len(bert_tokenizer), head="base").save_pretrained(d)
-    bert_tokenizer.save_pretrained(d)
+    save_model_dir(tiny_bert(vocab_size=len(bert_tokenizer), head="base"), bert_tokenizer, d)
     with pytest.raises(OffcompError, match="no-fisher"):
         run_capture(str(d), "embedded", spec=_small(), root=tmp_path / "c")
     res = run_capture(str(d), "embedded", spec=_small(fisher=False), root=tmp_path / "c")

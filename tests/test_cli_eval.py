@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from offcomp.cli import app
 
-from .conftest import tiny_bert
+from .conftest import save_model_dir, tiny_bert
 
 GLUE = Path(__file__).resolve().parents[2] / "shared/data/glue"
 SQUAD_DEV = Path(__file__).resolve().parents[2] / "shared/data/squad/dev-v1.1.json"
@@ -19,8 +19,7 @@ SQUAD_DEV = Path(__file__).resolve().parents[2] / "shared/data/squad/dev-v1.1.js
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory, bert_tokenizer):
     d = tmp_path_factory.mktemp("m") / "tiny-bert"
-    tiny_bert(vocab_size=len(bert_tokenizer), head="base").save_pretrained(d)
-    bert_tokenizer.save_pretrained(d)
+    save_model_dir(tiny_bert(vocab_size=len(bert_tokenizer), head="base"), bert_tokenizer, d)
     return d
 
 

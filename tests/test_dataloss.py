@@ -15,13 +15,7 @@ from offcomp.registry import FitContext, FitUnit, get_method
 
 from .conftest import tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit(n: int, m: int, name: str = "m0") -> FitUnit:

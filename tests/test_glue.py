@@ -24,13 +24,7 @@ SHARED = Path("/work/shared/data/glue")
 QUICK = FinetuneArgs(batch_size=8, grad_accum=1, epochs=1, eval_batch_size=8, max_length=32, logging_steps=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spin-waits make 2 threads far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(path: Path, text: str, bom: bool = False) -> None:

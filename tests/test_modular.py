@@ -15,17 +15,12 @@ from offcomp.layers import CompressedModule, LowRankLinear
 from offcomp.modular import _layer_list, block_paths, modular_train, teacher_copy
 from offcomp.plan import ModularConfig
 
-from .conftest import tiny_bert, tiny_llama
+from .conftest import save_model_dir, tiny_bert, tiny_llama
 
 ALL = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def windows(n: int, seed: int, length: int = 32) -> torch.Tensor:
@@ -84,8 +79,7 @@ def test_factors_shared_across_layers_stay_frozen():
 def test_compress_with_modular_plan_from_the_cli(tmp_path, bert_tokenizer, monkeypatch):
     monkeypatch.setenv("OFFCOMP_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "llama"
-    tiny_llama(vocab_size=len(bert_tokenizer)).save_pretrained(d)
-    bert_tokenizer.save_pretrained(d)
+    save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer)), bert_tokenizer, d)
     out = tmp_path / "out"
     args = ["compress", "-m", str(d), "--method", "svd", "--ratio", "0.5", "--modular-epochs", "2",
             "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out), "--json"]

@@ -31,16 +31,7 @@ def src():
     return TextSource(name="embedded:pydoc", split="test", rows=rows, sha256=rows_sha256(rows))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP spinning makes them 5x slower.
-    if request.node.get_closest_marker("e2e"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(tok, seed=0):

@@ -19,13 +19,7 @@ from offcomp.eval.squad import (
 )
 from tests.finetune_torchrun import CONTEXTS, QAS, squad_json, tiny_qa, tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _examples():
