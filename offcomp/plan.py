@@ -91,7 +91,9 @@ class ModularConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(2, ge=1, description="passes over the calibration sequences per block")
-    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    # few steps per block (one per sequence and epoch): 1e-3 moves the factors, 1e-4 barely does
+    # (smollm2, ratio 0.5, 8 × 256 tokens, 3 epochs: FFN block error 0.53 → 0.24 vs → 0.45)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     mixup: float = Field(0.5, ge=0, description="weight of the mixup term (0: plain MSE)")
     holdout: float = Field(0.125, ge=0, lt=1, description="share of sequences held out to select the epoch")
     samples: int | None = Field(None, ge=1, description="calibration sequences to train on (default: all)")
