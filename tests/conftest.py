@@ -50,6 +50,20 @@ def save_model_dir(model, tokenizer, path):
     return path
 
 
+def assert_save_load_identical(model, report, path):
+    """Save a compressed model, load it back, check identical logits; returns the loaded model."""
+    from offcomp.checkpoint import load_compressed, save_compressed
+
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    save_compressed(model, None, path, {"head": "causal-lm", "plan": {}, "report": report.to_dict(), "base": {}})
+    loaded = load_compressed(path).model
+    with torch.no_grad():
+        assert torch.equal(before, loaded(ids).logits)
+    return loaded
+
+
 @pytest.fixture
 def one_thread(request):
     """One intra-op thread for tiny models: small matmuls gain nothing from threads, and on a busy

@@ -9,14 +9,13 @@ import torch
 import torch.nn as nn
 
 import offcomp
-from offcomp.checkpoint import load_compressed, save_compressed
 from offcomp.errors import OffcompError
 from offcomp.methods.ae_train import cos_rmse_loss
 from offcomp.methods.kronecker import KroneckerLinear, factor_pair
 from offcomp.plan import Budget
 from offcomp.registry import FitContext, FitUnit, get_method
 
-from .conftest import tiny_llama
+from .conftest import assert_save_load_identical, tiny_llama
 
 
 def linears(weights):
@@ -186,15 +185,7 @@ def test_save_load_round_trip(tmp_path):
     names = [n for u in report.units for n in u.names]
     layers = [model.get_submodule(n) for n in names]
     assert sum(u.stored_params for u in report.units) == unique_count(layers)
-    ids = torch.randint(0, 128, (2, 12))
-    with torch.no_grad():
-        before = model(ids).logits
-    save_compressed(model, None, tmp_path / "ck", {"head": "causal-lm", "plan": {}, "report": report.to_dict(),
-                                                  "base": {}})
-    loaded = load_compressed(tmp_path / "ck").model
-    with torch.no_grad():
-        after = loaded(ids).logits
-    assert torch.equal(before, after)
+    loaded = assert_save_load_identical(model, report, tmp_path / "ck")
     up = [loaded.get_submodule(n) for n in names if "up_proj" in n]
     assert isinstance(up[0], KroneckerLinear) and up[0].A is up[1].A
 

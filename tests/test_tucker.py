@@ -10,13 +10,12 @@ import torch
 import torch.nn as nn
 
 import offcomp
-from offcomp.checkpoint import load_compressed, save_compressed
 from offcomp.errors import OffcompError
 from offcomp.methods.tucker import TuckerLinear, balanced_ranks, gram_svd, stored_count
 from offcomp.plan import Budget
 from offcomp.registry import FitContext, FitUnit, get_method
 
-from .conftest import tiny_llama
+from .conftest import assert_save_load_identical, tiny_llama
 
 
 def linears(weights):
@@ -219,15 +218,7 @@ def test_save_load_round_trip(tmp_path):
     layers = [model.get_submodule(n) for n in names]
     assert all(isinstance(lay, TuckerLinear) for lay in layers)
     assert sum(u.stored_params for u in report.units) == unique_count(layers)
-    ids = torch.randint(0, 128, (2, 12))
-    with torch.no_grad():
-        before = model(ids).logits
-    save_compressed(model, None, tmp_path / "ck", {"head": "causal-lm", "plan": {}, "report": report.to_dict(),
-                                                  "base": {}})
-    loaded = load_compressed(tmp_path / "ck").model
-    with torch.no_grad():
-        after = loaded(ids).logits
-    assert torch.equal(before, after)
+    assert_save_load_identical(model, report, tmp_path / "ck")
 
 
 @pytest.mark.parametrize("shape", [(192, 576), (576, 576), (576, 1536), (1536, 576)])
