@@ -91,6 +91,10 @@ def compress_model(
         raise OffcompError("modular training needs calibration text: pass --calib-data (e.g. wiki.valid.raw)")
     dev = parse_device(device)
     bundle = load_model(model, trust_remote_code=trust_remote_code)
+    limit = getattr(bundle.model.config, "max_position_embeddings", None)
+    if calib is not None and limit and calib["seq_len"] > limit:
+        raise OffcompError(f"--calib-seq-len {calib['seq_len']} exceeds the model's {limit} positions; "
+                           f"use --calib-seq-len {min(limit, 512)} or less")
     needs_capture = plan.allocate is not None or any(
         get_method(g.method).stats_needed(get_method(g.method).parse_config(g.options, g.name or g.method))
         for g in plan.groups)

@@ -101,3 +101,16 @@ def test_compress_with_modular_plan_from_the_cli(tmp_path, bert_tokenizer, monke
         a = offcomp.checkpoint.load_compressed(out).model(ids).logits
         b = offcomp.checkpoint.load_compressed(plain).model(ids).logits
     assert torch.isfinite(a).all() and not torch.allclose(a, b)
+
+
+def test_encoder_modular_from_the_cli_checks_the_window_length(tmp_path, bert_tokenizer, monkeypatch):
+    monkeypatch.setenv("OFFCOMP_CACHE", str(tmp_path / "cache"))
+    d = save_model_dir(tiny_bert(vocab_size=len(bert_tokenizer), head="base"), bert_tokenizer, tmp_path / "bert")
+    base = ["compress", "-m", str(d), "--method", "svd", "--ratio", "0.5", "--modular-epochs", "1",
+            "--calib-data", "embedded", "--calib-samples", "4"]
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "x")])  # default 1024 > 128 positions
+    assert bad.exit_code == 2 and "positions" in bad.output and not (tmp_path / "x").exists()
+    ok = CliRunner().invoke(app, [*base, "--calib-seq-len", "64", "--out", str(tmp_path / "y")])
+    assert ok.exit_code == 0, ok.output
+    blocks = json.loads((tmp_path / "y" / "offcomp.json").read_text())["modular"]["blocks"]
+    assert [b["block"] for b in blocks] == ["layers.0", "layers.1"]
