@@ -19,11 +19,14 @@ def _metric(rec: dict[str, Any]) -> tuple[str, str, Any]:
     kind = rec.get("type", "?")
     if kind == "ppl":
         return "ppl", "ppl", rec.get("ppl")
-    metrics = rec.get("metrics") or {}
+    metrics = {k: v for k, v in (rec.get("metrics") or {}).items()
+               if isinstance(v, int | float) and not k.endswith("loss") and not k.startswith("n_")}
     task = rec.get("task", kind)
-    if metrics:
-        key = next(iter(metrics))
-        return str(task), key, metrics[key]
+    if len(metrics) == 1:
+        (key, value), = metrics.items()
+        return str(task), key, value
+    if metrics:  # e.g. MRPC accuracy and F1, EM and F1: all of them, in the record's order
+        return str(task), " / ".join(metrics), " / ".join(fmt_cell(v) for v in metrics.values())
     return str(task), "-", None
 
 

@@ -121,6 +121,10 @@ def test_classification_record_and_scores(tmp_path):
     assert on_disk["metrics"] == pytest.approx(rec["metrics"]) and on_disk["pre_metrics"] == {"ppl": 12.5}
     rows = collect(tmp_path / "out")  # `offcomp report` sees the run
     assert [(r["task"], r["metric"], r["value"]) for r in rows] == [("sst2", "accuracy", rec["metrics"]["accuracy"])]
+    from offcomp.report import _metric
+    assert _metric({"type": "glue", "task": "mrpc", "metrics": {"accuracy": 0.5, "f1": 0.25, "eval_loss": 1.0,
+                                                                "n_missing": 0}}) == ("mrpc", "accuracy / f1",
+                                                                                       "0.5 / 0.25")
     assert rec["data"]["n_train"] == 16 and rec["data"]["n_scored"] == {"dev": 12}
     assert rec["train"]["steps"] == 2 and rec["world_size"] == 1 and rec["effective_batch_size"] == 8
     assert rec["params"]["trainable"] == rec["params"]["total"] == sum(p.numel() for p in model.parameters())
