@@ -89,6 +89,10 @@ def compress_model(
         raise OffcompError("give either --stats DIR or --calib-data, not both")
     if plan.modular is not None and calib is None and not dry_run:
         raise OffcompError("modular training needs calibration text: pass --calib-data (e.g. wiki.valid.raw)")
+    if calib is not None:
+        from .capture import refuse_test_split
+
+        refuse_test_split(calib["data"], calib["split"])
     dev = parse_device(device)
     bundle = load_model(model, trust_remote_code=trust_remote_code)
     limit = getattr(bundle.model.config, "max_position_embeddings", None)
