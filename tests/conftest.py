@@ -43,6 +43,18 @@ def tiny_bert(vocab_size: int = 128, layers: int = 2, seed: int = 0, head: str =
     return (BertForMaskedLM if head == "masked-lm" else BertModel)(cfg).eval()
 
 
+def linears(weights, bias: bool = True):
+    """nn.Linear modules holding the given weight matrices (what a method's fit receives)."""
+    from torch import nn
+
+    mods = []
+    for w in weights:
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=bias)
+        lin.weight.data.copy_(w)
+        mods.append(lin)
+    return mods
+
+
 def save_model_dir(model, tokenizer, path):
     """A local model directory (config, weights, tokenizer), as `offcomp` commands take one."""
     model.save_pretrained(path)

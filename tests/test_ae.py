@@ -16,21 +16,12 @@ from offcomp.methods.ae_embedding import AEEmbedConfig, alpha_at, orientation_lo
 from offcomp.plan import Budget
 from offcomp.registry import FitContext, FitUnit, get_method
 
-from .conftest import tiny_llama
+from .conftest import linears, tiny_llama
 
 FAST = {"epochs": 4, "validate_every": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def linears(weights: list[torch.Tensor], bias: bool = True) -> list[nn.Linear]:
-    mods = []
-    for w in weights:
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=bias)
-        lin.weight.data.copy_(w)
-        mods.append(lin)
-    return mods
 
 
 def unit_for(shapes, budget: Budget, joint: bool = True, kind: str = "linear") -> FitUnit:

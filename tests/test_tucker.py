@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import tensorly as tl
 import torch
-import torch.nn as nn
 
 import offcomp
 from offcomp.errors import OffcompError
@@ -15,16 +14,7 @@ from offcomp.methods.tucker import TuckerLinear, balanced_ranks, gram_svd, store
 from offcomp.plan import Budget
 from offcomp.registry import FitContext, FitUnit, get_method
 
-from .conftest import assert_save_load_identical, tiny_llama
-
-
-def linears(weights):
-    mods = []
-    for w in weights:
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=True)
-        lin.weight.data.copy_(w)
-        mods.append(lin)
-    return mods
+from .conftest import assert_save_load_identical, linears, tiny_llama
 
 
 def fit(weights, joint, budget, hyper=None, **options):
