@@ -14,7 +14,8 @@ Presets (`--suite`):
 Calibration statistics (captured once from wiki.valid.raw and cached) go only to the methods that
 use them. A method is `name` or `name:key=value,key=value` (its options), e.g. `ae:scale=fit`; `+alloc` at
 the end spreads the ratio over groups by measured sensitivity (`allocate`), e.g. `svd-llm+alloc`;
-`+modular` then trains each compressed block towards the dense one (offcomp.modular).
+`+modular` then trains each compressed block towards the dense one (offcomp.modular), with options,
+e.g. `svd-llm+alloc+modular:mode=sequential,lr=1e-4`.
 
     .venv/bin/python bench/quality.py --suite paper --out runs/bench/quality-paper
     .venv/bin/python bench/quality.py --suite data-aware --out runs/bench/quality-data-aware
@@ -51,24 +52,30 @@ COLUMNS = ["method", "budget", "modules", "group_params", "stored_params", "achi
            "valid_ppl", "test_ppl", "compress_s", "eval_s"]
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any], set[str]]:
-    """`name[:k=v,...][+alloc][+modular]` → (method, options, extras). Values are parsed as YAML scalars."""
-    name, *extras = spec.split("+")
+def _options(text: str) -> dict[str, Any]:
+    return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in text.split(",") if kv)}
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
+    """`name[:k=v,...][+alloc][+modular[:k=v,...]]` → (method, options, extras with their options).
+    Values are parsed as YAML scalars."""
+    name, *more = spec.split("+")
     name, _, opts = name.partition(":")
-    options = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in opts.split(",") if kv)}
-    return name, options, set(extras)
+    extras = {e.partition(":")[0]: _options(e.partition(":")[2]) for e in more}
+    return name, _options(opts), extras
 
 
 def run_one(args: argparse.Namespace, cfg: dict[str, Any], spec: str, value: float, model_type: str) -> dict:
     method, options, extras = parse_method(spec)
     alloc = "alloc" in extras
     budget = {cfg["budget"]: value}
-    modular = {"epochs": args.modular_epochs, "samples": args.modular_samples} if "modular" in extras else None
+    modular = ({"epochs": args.modular_epochs, "samples": args.modular_samples, **extras["modular"]}
+               if "modular" in extras else None)
     plan = quick_plan(model_type, method, modules=cfg["modules"], joint=cfg["joint"], options=options,
                       allocate={"ratio": value, "criterion": args.alloc_criterion} if alloc else None,
                       modular=modular,
                       **({} if alloc else budget))
-    tag = f"{spec.replace(':', '-').replace('=', '').replace(',', '-')}-{cfg['budget']}{value}"
+    tag = f"{re.sub(r'[^A-Za-z0-9._+-]+', '-', spec.replace('=', ''))}-{cfg['budget']}{value}"
     out = Path(args.out) / tag
     calib = None
     meth = get_method(method)

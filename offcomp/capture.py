@@ -9,7 +9,7 @@ hooks for Fisher information, and writes one directory:
                         the module → input map, token count, timing, versions
     stats.safetensors   "<input>::xtx"       (in, in) float64  Σ_t x_t x_tᵀ over every calibration token (fp32
                                                             products per batch, fp64 sum of batches)
-                        "<input>::act_sq"    (in,)    float64  Σ_t x_tj² (fp64; for Wanda)
+                        "<input>::act_sq"    (in,)    float64  Σ_t x_tj², the diagonal of xtx (for Wanda)
                         "<input>::abs_mean"  (in,)    float64  mean_t |x_tj| (for ASVD)
                         "<module>::fisher_row" (out,) float64  Σ_batches Σ_j (∂L_b/∂W_ij)²
                         "<module>::fisher"   (out, in) float32 Σ_batches (∂L_b/∂W_ij)²  (--fisher-full only)

@@ -97,6 +97,13 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return opts
 
 
+def modular_section(epochs: int | None, mode: str | None) -> dict[str, Any] | None:
+    """The quick form's `modular:` section: present when either option is given."""
+    if epochs is None and mode is None:
+        return None
+    return {k: v for k, v in (("epochs", epochs), ("mode", mode)) if v is not None}
+
+
 @app.command()
 @user_errors
 def compress(
@@ -127,6 +134,9 @@ def compress(
     allocate_criterion: Annotated[str, typer.Option(help="quick form: whitened, fisher or weight")] = "whitened",
     modular_epochs: Annotated[int | None, typer.Option(
         help="quick form: then train each compressed block to reproduce the dense one (needs --calib-data)")] = None,
+    modular_mode: Annotated[str | None, typer.Option(
+        help="quick form: modular training per block on dense inputs (blocks) or per layer on the compressed "
+             "model's own hidden states (sequential)")] = None,
     device: Device = "cpu",
     seed: int = 0,
     dry_run: Annotated[bool, typer.Option(help="expand and validate the plan, print the table, write nothing")] = False,
@@ -148,7 +158,8 @@ def compress(
 
         stats_data = load_stats(stats)
     if plan is not None:
-        if any(v is not None for v in (rank, ratio, cr, allocate, modular_epochs)) or modules or joint or option:
+        if any(v is not None for v in (rank, ratio, cr, allocate, modular_epochs, modular_mode)) or modules or joint \
+                or option:
             raise OffcompError(
                 "--rank/--ratio/--cr/--allocate/--modular-epochs/--modules/--joint/--option belong to the quick form; "
                 "put them in the plan"
@@ -167,7 +178,7 @@ def compress(
                               layers=layers, joint=joint, options=parse_options(option or []),
                               allocate=None if allocate is None else {"ratio": allocate,
                                                                       "criterion": allocate_criterion},
-                              modular=None if modular_epochs is None else {"epochs": modular_epochs})
+                              modular=modular_section(modular_epochs, modular_mode))
         source = f"quick:{method}"
     with rich_progress() as progress:
         calib = None if calib_data is None else {"data": calib_data, "split": calib_split, "samples": calib_samples,

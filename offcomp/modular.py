@@ -156,10 +156,15 @@ def train_block(teacher: nn.Module, student: nn.Module, io: dict[str, Any], para
                 cfg: ModularConfig, gen: torch.Generator, label: str, progress: ProgressFn) -> dict[str, Any]:
     """Train `params` (inside `student`) so that the student block reproduces the teacher block."""
     xs, ys, call = io["x"], io["y"], io["call"]
+    txs = io.get("teacher_x", xs)  # the teacher's own inputs, when the student sees different ones
     n = len(xs)
     n_hold = min(n - 1, round(n * cfg.holdout)) if n > 1 else 0
     train, hold = list(range(n - n_hold)), list(range(n - n_hold, n)) or list(range(n))
-    scale = float(torch.stack([ys[i].float().pow(2).mean() for i in train]).mean()) or 1.0
+    # a layer's output is mostly its input (the residual stream): errors are measured against the
+    # size of what the layer adds, not of the stream itself
+    ref = io.get("scale_ref")
+    scale = float(torch.stack([(ys[i].float() - (0 if ref is None else ref[i].float())).pow(2).mean()
+                               for i in train]).mean()) or 1.0
     flags = {id(p): p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
@@ -185,7 +190,7 @@ def train_block(teacher: nn.Module, student: nn.Module, io: dict[str, Any], para
                     lam = float(torch.rand((), generator=gen))
                     xm = lam * xs[i] + (1 - lam) * xs[j]
                     with torch.no_grad():
-                        ym = call(teacher, xm)
+                        ym = call(teacher, xm if txs is xs else lam * txs[i] + (1 - lam) * txs[j])
                     loss = loss + cfg.mixup * _nmse(call(student, xm), ym, scale)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -241,6 +246,11 @@ def modular_train(
     student.eval()  # no dropout: the block outputs are the regression targets
     gen = torch.Generator().manual_seed(seed)
     hidden, call = _layer_inputs(teacher, t_layers[0], windows, dev)
+    if cfg.mode == "sequential":
+        s_hidden, _ = _layer_inputs(student, s_layers[0], windows, dev)
+        blocks = _train_sequential(t_layers, s_layers, hidden, s_hidden, call, shared, cfg, gen, progress, log)
+        return {"config": cfg.model_dump(), "windows": list(windows.shape), "seed": seed, "blocks": blocks,
+                "frozen_shared_tensors": len(shared), "seconds": time.perf_counter() - t0}
     blocks = []
     for i, (tl, sl) in enumerate(zip(t_layers, s_layers)):
         paths = [p for p in block_paths(sl, roles) if _trainable(sl.get_submodule(p), shared)]
@@ -255,6 +265,29 @@ def modular_train(
         hidden = outs
     return {"config": cfg.model_dump(), "windows": list(windows.shape), "seed": seed, "blocks": blocks,
             "frozen_shared_tensors": len(shared), "seconds": time.perf_counter() - t0}
+
+
+def _train_sequential(t_layers: list[nn.Module], s_layers: list[nn.Module], hidden: list[torch.Tensor],
+                      s_hidden: list[torch.Tensor], call: BlockCall, shared: set[int], cfg: ModularConfig,
+                      gen: torch.Generator, progress: ProgressFn, log: Any) -> list[dict[str, Any]]:
+    """Each layer's compressed parameters (all its blocks at once) learn to map the compressed
+    model's hidden states to the dense layer's outputs; the student's stream moves on through the
+    trained layer, so the next layer learns to correct what is left."""
+    records = []
+    for i, (tl, sl) in enumerate(zip(t_layers, s_layers)):
+        with torch.no_grad():
+            outs = [call(tl, x) for x in hidden]
+        params = _trainable(sl, shared)
+        if params:
+            io = {"x": s_hidden, "y": outs, "call": call, "teacher_x": hidden, "scale_ref": hidden}
+            rec = train_block(tl, sl, io, params, cfg, gen, f"layers.{i}", progress)
+            log(f"modular layers.{i}: normalised MSE {rec['nmse_before']:.4g} → {rec['nmse_after']:.4g} "
+                f"(epoch {rec['best_epoch']})")
+            records.append(rec)
+        with torch.no_grad():
+            s_hidden = [call(sl, x) for x in s_hidden]
+        hidden = outs
+    return records
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:

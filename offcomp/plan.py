@@ -97,6 +97,11 @@ class ModularConfig(BaseModel):
     mixup: float = Field(0.5, ge=0, description="weight of the mixup term (0: plain MSE)")
     holdout: float = Field(0.125, ge=0, lt=1, description="share of sequences held out to select the epoch")
     samples: int | None = Field(None, ge=1, description="calibration sequences to train on (default: all)")
+    # "blocks": the paper's regime, every block on the dense model's inputs towards the dense block's
+    # outputs, layers independent. "sequential": layer by layer on the *compressed* model's own
+    # hidden states towards the dense layer's outputs, so each layer also undoes the drift the
+    # layers before it left in the residual stream (which block-wise training never sees).
+    mode: Literal["blocks", "sequential"] = Field("blocks", description="blocks | sequential")
 
 
 class Plan(BaseModel):

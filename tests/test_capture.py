@@ -58,7 +58,7 @@ def check_against_manual(model, batches):
     fisher = manual_fisher_rows(model, list(input_of), batches)
     for n, x in X.items():
         torch.testing.assert_close(stats[n]["xtx"], x.T @ x, rtol=1e-5, atol=1e-4)  # fp32 products per batch
-        torch.testing.assert_close(stats[n]["act_sq"], (x * x).sum(0), rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(stats[n]["act_sq"], (x * x).sum(0), rtol=1e-5, atol=1e-6)  # diag of the Gram
         torch.testing.assert_close(stats[n]["abs_mean"], x.abs().mean(0), rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(stats[n]["fisher_row"], fisher[n], rtol=1e-4, atol=1e-12)
         assert stats[n]["fisher_row"].abs().sum() > 0
