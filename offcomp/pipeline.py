@@ -58,7 +58,9 @@ def quick_plan(model_type: str, method: str, *, rank: int | None = None, ratio: 
         return Plan(groups=[group], allocate=allocate, modular=modular)
     except ValidationError as e:
         err = e.errors()[0]
-        raise OffcompError(f"bad compress options: {err['msg'].removeprefix('Value error, ')}") from None
+        where = ".".join(str(x) for x in err.get("loc", ()) if not isinstance(x, int))
+        raise OffcompError(f"bad compress options: {where + ': ' if where else ''}"
+                           f"{err['msg'].removeprefix('Value error, ')}") from None
 
 
 def compress_model(

@@ -58,7 +58,7 @@ def test_blocks_move_towards_the_dense_model_and_nothing_else_changes(make):
     before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
     test = windows(4, seed=99)
     err0 = output_error(teacher, student, test)
-    rec = modular_train(teacher, student, windows(16, seed=1), ModularConfig(epochs=4, lr=1e-3))
+    rec = modular_train(teacher, student, windows(16, seed=1), ModularConfig(epochs=4, lr=1e-3, mode="blocks"))
     assert rec["blocks"] and all(b["nmse_after"] <= b["nmse_before"] for b in rec["blocks"])
     assert sum(b["nmse_after"] < 0.9 * b["nmse_before"] for b in rec["blocks"]) >= len(rec["blocks"]) // 2
     assert output_error(teacher, student, test) < 0.8 * err0  # on windows it never saw
@@ -72,7 +72,7 @@ def test_factors_shared_across_layers_stay_frozen():
     ups = [m for n, m in student.named_modules() if n.endswith("mlp.up_proj")]
     assert isinstance(ups[0], LowRankLinear) and ups[0].V is ups[1].V
     V, U0 = ups[0].V.detach().clone(), ups[0].U.detach().clone()
-    rec = modular_train(teacher, student, windows(8, seed=2), ModularConfig(epochs=2, lr=1e-3))
+    rec = modular_train(teacher, student, windows(8, seed=2), ModularConfig(epochs=2, lr=1e-3, mode="blocks"))
     assert rec["frozen_shared_tensors"] == 2  # one V per joint group
     assert torch.equal(ups[0].V, V) and not torch.equal(ups[0].U, U0)
 
@@ -90,7 +90,8 @@ def test_compress_with_modular_plan_from_the_cli(tmp_path, bert_tokenizer, monke
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "offcomp.json").read_text())
     mod = manifest["modular"]
-    assert mod["windows"] == [4, 32] and mod["config"]["epochs"] == 2 and len(mod["blocks"]) == 4
+    assert mod["windows"] == [4, 32] and mod["config"]["epochs"] == 2 and mod["config"]["mode"] == "sequential"
+    assert [b["block"] for b in mod["blocks"]] == ["layers.0", "layers.1"]  # sequential: one unit per layer
     assert mod["data"]["split"] == "validation" and "calibration" not in manifest  # svd needs no statistics
     assert not (tmp_path / "cache" / "captures").exists()
     assert all(b["nmse_after"] <= b["nmse_before"] for b in mod["blocks"])
@@ -142,3 +143,16 @@ def test_sequential_mode_corrects_drift_that_blocks_mode_cannot():
                             ModularConfig(epochs=4, lr=1e-3, mode=mode, mixup=0.0))
         results[mode] = (output_error(teacher, model, windows(4, seed=99)), rec)
     assert results["sequential"][0] < results["blocks"][0]
+
+
+def test_modular_mode_from_the_cli(tmp_path, bert_tokenizer, monkeypatch):
+    monkeypatch.setenv("OFFCOMP_CACHE", str(tmp_path / "cache"))
+    d = save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer)), bert_tokenizer, tmp_path / "llama")
+    base = ["compress", "-m", str(d), "--method", "svd", "--ratio", "0.5", "--calib-data", "embedded",
+            "--calib-samples", "4", "--calib-seq-len", "32", "--json"]
+    bad = CliRunner().invoke(app, [*base, "--modular-mode", "layers", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "modular" in bad.output.lower() and not (tmp_path / "x").exists()
+    ok = CliRunner().invoke(app, [*base, "--modular-mode", "sequential", "--out", str(tmp_path / "y")])
+    assert ok.exit_code == 0, ok.output
+    mod = json.loads((tmp_path / "y" / "offcomp.json").read_text())["modular"]
+    assert mod["config"]["mode"] == "sequential" and [b["block"] for b in mod["blocks"]] == ["layers.0", "layers.1"]
