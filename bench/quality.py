@@ -44,7 +44,7 @@ SUITES: dict[str, dict[str, Any]] = {
               "eval_tokens": 32768, "calib": 16, "validate": True},
     "data-aware": {"modules": None, "joint": False, "budget": "ratio", "values": [0.9, 0.8, 0.7, 0.6],
                    "methods": ["svd", "fwsvd", "asvd", "svd-llm", "ae:loss_space=whitened,arch=linear,scale=fit",
-                               "svd-llm+modular", "svd-llm+alloc", "svd-llm+alloc+modular"], "eval_tokens": 65536,
+                               "svd-llm+alloc", "svd-llm+alloc+modular"], "eval_tokens": 65536,
                    "calib": 64, "validate": False},
 }
 KEPT = re.compile(r"kept epoch (\d+) \(validation ([0-9.eE+-]+)\)")  # ae_train's selection log line
