@@ -92,8 +92,8 @@ class ModularConfig(BaseModel):
 
     epochs: int = Field(2, ge=1, description="passes over the calibration sequences per block")
     # smollm2-135m, every linear at ratio 0.8 by SVD-LLM + Fisher allocation (test PPL 62.19; dense
-    # 25.05), 16 × 1024 tokens, 2 epochs: blocks lr 1e-3 62.19 (no epoch beat the init), blocks 1e-4
-    # 49.23, sequential 3e-4 48.48, sequential 1e-4 45.81. Near-optimal inits want small steps.
+    # 25.05), 2 epochs: blocks lr 1e-3 on 8 × 1024 tokens 62.19 (no epoch beat the init); on 16 × 1024
+    # blocks 1e-4 49.23, sequential 3e-4 48.48, sequential 1e-4 45.81. Near-optimal inits want small steps.
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
     mixup: float = Field(0.5, ge=0, description="weight of the mixup term (0: plain MSE)")
     holdout: float = Field(0.125, ge=0, lt=1, description="share of sequences held out to select the epoch")
