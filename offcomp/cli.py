@@ -161,7 +161,8 @@ def compress(
         if any(v is not None for v in (rank, ratio, cr, allocate, modular_epochs, modular_mode)) or modules or joint \
                 or option:
             raise OffcompError(
-                "--rank/--ratio/--cr/--allocate/--modular-epochs/--modules/--joint/--option belong to the quick form; "
+                "--rank/--ratio/--cr/--allocate/--modular-epochs/--modular-mode/--modules/--joint/--option belong to "
+                "the quick form; "
                 "put them in the plan"
             )
         the_plan, source = load_plan(plan), str(plan)

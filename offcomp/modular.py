@@ -256,8 +256,16 @@ def modular_train(
     if cfg.mode == "sequential":
         s_hidden, _ = _layer_inputs(student, s_layers[0], windows, dev)
         blocks = _train_sequential(t_layers, s_layers, hidden, s_hidden, call, shared, cfg, gen, progress, log)
-        return {"config": cfg.model_dump(), "windows": list(windows.shape), "seed": seed, "blocks": blocks,
-                "frozen_shared_tensors": len(shared), "seconds": time.perf_counter() - t0}
+    else:
+        blocks = _train_blocks(t_layers, s_layers, hidden, call, roles, shared, cfg, gen, progress, log)
+    return {"config": cfg.model_dump(), "windows": list(windows.shape), "seed": seed, "blocks": blocks,
+            "frozen_shared_tensors": len(shared), "seconds": time.perf_counter() - t0}
+
+
+def _train_blocks(t_layers: list[nn.Module], s_layers: list[nn.Module], hidden: list[torch.Tensor],
+                  call: BlockCall, roles: dict[str, str], shared: set[int], cfg: ModularConfig,
+                  gen: torch.Generator, progress: ProgressFn, log: Any) -> list[dict[str, Any]]:
+    """The paper's regime: every block on the dense model's inputs, towards the dense block's outputs."""
     blocks = []
     for i, (tl, sl) in enumerate(zip(t_layers, s_layers)):
         paths = [p for p in block_paths(sl, roles) if _trainable(sl.get_submodule(p), shared)]
@@ -270,8 +278,7 @@ def modular_train(
                 f"(epoch {rec['best_epoch']})")
             blocks.append(rec)
         hidden = outs
-    return {"config": cfg.model_dump(), "windows": list(windows.shape), "seed": seed, "blocks": blocks,
-            "frozen_shared_tensors": len(shared), "seconds": time.perf_counter() - t0}
+    return blocks
 
 
 def _train_sequential(t_layers: list[nn.Module], s_layers: list[nn.Module], hidden: list[torch.Tensor],
