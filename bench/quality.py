@@ -34,6 +34,7 @@ import yaml
 
 from offcomp.models import load_model
 from offcomp.pipeline import compress_model, evaluate_ppl, quick_plan
+from offcomp.records import dumps
 from offcomp.registry import get_method
 from offcomp.report import fmt_cell
 
@@ -163,7 +164,7 @@ def main() -> None:
         row["wall_s"] = round(time.perf_counter() - t, 1)
         rows.append(row)
         with open(done_path, "a") as f:
-            f.write(json.dumps(row, default=str) + "\n")
+            f.write(dumps(row) + "\n")
         print(f"{spec:>18} {key[1]:>10}  test PPL {row['test_ppl']:.4g}  ({row['wall_s']} s)", flush=True)
     md = table(rows)
     (out / "table.md").write_text(md + "\n")

@@ -53,6 +53,7 @@ from .capture_hooks import (  # noqa: F401  (re-exported: the capture API in one
 )
 from .errors import OffcompError
 from .progress import ProgressFn, no_progress
+from .records import dumps
 
 CAPTURE_FORMAT = 2  # 2: Gram products in float32 per batch
 META = "capture.json"
@@ -314,7 +315,7 @@ def run_capture(
             "seconds": time.perf_counter() - t0, "device": str(dev),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions(),
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / META).write_text(dumps(meta, indent=2))
 
     atomic_dir(out, write, overwrite=True)
     return CaptureResult(out, json.loads((out / META).read_text()), False)

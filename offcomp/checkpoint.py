@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_model
 from .errors import OffcompError
 from .layers import CompressedModule
 from .plan import Budget
+from .records import dumps
 from .registry import FitUnit, get_method
 from .swap import replace_module
 
@@ -90,7 +91,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest:
             tokenizer.save_pretrained(tmp)
         # save_model drops duplicate names of shared tensors (tied embeddings, a joint group's V).
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        (tmp / MANIFEST).write_text(dumps(manifest, indent=2))
 
     return atomic_dir(out, write, overwrite)
 

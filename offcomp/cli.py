@@ -1,8 +1,10 @@
 """The `offcomp` command line: parse options, call one library function, print with rich.
 
-User mistakes (OffcompError) become one red line on stderr and exit code 2, never a traceback.
-With --json, stdout carries exactly one JSON object (the recorded result); everything else
-(progress, tables) goes to stderr.
+User mistakes (OffcompError, bad option values) become one red line on stderr and exit code 2,
+never a traceback; an unexpected internal error becomes one line naming the exception, exit code 1
+(`--debug` or OFFCOMP_DEBUG=1 re-raises it with its traceback). With --json, stdout carries exactly
+one JSON object (the recorded result); everything else, including what C libraries such as MKL
+print on the process's stdout, goes to stderr.
 """
 
 from __future__ import annotations
@@ -10,25 +12,83 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from .errors import OffcompError
+from .errors import EXIT_INTERNAL, EXIT_NON_FINITE, EXIT_USER, OffcompError
+from .records import NON_FINITE, dumps, has_non_finite, strict
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Offline compression of pretrained transformer language models.")
+EXIT_CODES = (f"Exit codes: 0 success; {EXIT_INTERNAL} internal error (one line; --debug or OFFCOMP_DEBUG=1 "
+              f"shows the traceback); {EXIT_USER} bad input (one line, nothing written); {EXIT_NON_FINITE} a "
+              "result is not a finite number (recorded as null with a reason); 130 interrupted.")
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return " ".join(lines) if len(lines) <= 3 else lines[0] + " …"
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, bad value) as one line on stderr instead of a usage panel."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:  # click's ClickException family
+            if type(e).__name__ != "NoArgsIsHelpError":  # the help was printed already
+                ctx = getattr(e, "ctx", None)
+                where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                err.print(f"[bold red]error:[/] {escape(_one_line(e.format_message()))}{escape(where)}",
+                          highlight=False, soft_wrap=True)
+            sys.exit(getattr(e, "exit_code", EXIT_USER))
+        except typer.Abort:
+            err.print("[red]aborted[/]")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline compression of pretrained transformer language models.", epilog=EXIT_CODES)
 err = Console(stderr=True)
 out = Console()
 
+
+def debug_enabled() -> bool:
+    return os.environ.get("OFFCOMP_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option(
+        "--debug", help="show the traceback of an internal error (same as OFFCOMP_DEBUG=1)")] = False) -> None:
+    """Offline compression of pretrained transformer language models."""
+    if debug:
+        os.environ["OFFCOMP_DEBUG"] = "1"  # also reaches worker processes (torchrun)
+
+
 Model = Annotated[str, typer.Option("--model", "-m", help="embedded name (smollm2-135m, minilm-l6), HF id or dir")]
-Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N")]
+def _check_device(value: str) -> str:
+    from .pipeline import parse_device
+
+    try:
+        parse_device(value)
+    except OffcompError as e:
+        raise typer.BadParameter(str(e)) from None
+    return value
+
+
+Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N", callback=_check_device)]
 Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object (the result) on stdout")]
 
 
@@ -49,18 +109,72 @@ def _quiet_libraries() -> None:
         pass
 
 
+# Where `emit` writes the JSON result while `json_stdout` has sent fd 1 to stderr.
+_json_out: IO[str] | None = None
+
+
+@contextlib.contextmanager
+def json_stdout(active: bool) -> Iterator[None]:
+    """With --json, stdout is reserved for the one result object: everything else written to the
+    process's fd 1 (print, C libraries such as MKL/LAPACK) goes to stderr. The real stdout is
+    kept aside for `emit`. Under a test runner whose sys.stdout is not fd 1, only sys.stdout is
+    redirected."""
+    global _json_out
+    if not active:
+        yield
+        return
+    real = sys.stdout
+    try:
+        real_fd = real.fileno()
+    except (AttributeError, OSError, ValueError):
+        real_fd = None
+    if real_fd != 1:
+        _json_out = real
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                yield
+        finally:
+            _json_out = None
+        return
+    real.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    _json_out = os.fdopen(os.dup(saved), "w")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        _json_out.flush()
+        _json_out.close()
+        _json_out = None
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """OffcompError → one line, exit 2; any other exception → one line naming it, exit 1 (with
+    --debug / OFFCOMP_DEBUG=1 the exception propagates with its traceback)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _quiet_libraries()
         try:
-            return fn(*args, **kwargs)
+            with json_stdout(bool(kwargs.get("as_json"))):
+                return fn(*args, **kwargs)
         except OffcompError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            err.print(f"[bold red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as e:
+            if debug_enabled():
+                raise
+            err.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(_one_line(str(e)))} "
+                      "(a bug in offcomp or a library; rerun with --debug or OFFCOMP_DEBUG=1 for the traceback)",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
     return wrapper
 
 
@@ -78,10 +192,19 @@ def rich_progress() -> Iterator[Callable[[str, int, int], None]]:
 
 
 def emit(result: dict[str, Any], as_json: bool, table: Table | None = None) -> None:
+    """Print the result (one strict JSON object with --json, else the table); a result that holds a
+    non-finite number is printed and recorded, then the command exits with EXIT_NON_FINITE."""
     if as_json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        stream = _json_out or sys.stdout
+        stream.write(dumps(result) + "\n")
+        stream.flush()
     elif table is not None:
         out.print(table)
+    if has_non_finite(result):
+        reasons = strict(result)[NON_FINITE]
+        err.print(f"[bold red]non-finite result:[/] {escape(_one_line('; '.join(reasons)))}", highlight=False,
+                  soft_wrap=True)
+        raise typer.Exit(EXIT_NON_FINITE)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -146,8 +269,7 @@ def compress(
 ) -> None:
     """Compress a model by a plan (or the quick one-group form) and save a checkpoint."""
     from .adapters import adapter_for
-    from .models import resolve
-    from .pipeline import compress_model, quick_plan
+    from .pipeline import compress_model, model_type, quick_plan
     from .plan import load_plan
 
     if (plan is None) == (method is None):
@@ -167,15 +289,9 @@ def compress(
             )
         the_plan, source = load_plan(plan), str(plan)
     else:
-        from transformers import AutoConfig
-
-        from .models import is_compressed_dir
-
-        if is_compressed_dir(model):
-            raise OffcompError(f"{model} is already compressed; compress its base model instead")
-        model_type = AutoConfig.from_pretrained(resolve(model), trust_remote_code=trust_remote_code).model_type
-        adapter_for(model_type)
-        the_plan = quick_plan(model_type, method, rank=rank, ratio=ratio, cr=cr, modules=modules,  # type: ignore[arg-type]
+        mtype = model_type(model, trust_remote_code)
+        adapter_for(mtype)
+        the_plan = quick_plan(mtype, method, rank=rank, ratio=ratio, cr=cr, modules=modules,  # type: ignore[arg-type]
                               layers=layers, joint=joint, options=parse_options(option or []),
                               allocate=None if allocate is None else {"ratio": allocate,
                                                                       "criterion": allocate_criterion},
@@ -245,7 +361,8 @@ def eval_ppl(
         table.add_column(col)
     data_rec = rec.get("data", {})
     n_tok = rec.get("n_tokens", 0)
-    table.add_row(f"{data_rec.get('name')}:{data_rec.get('split')}", f"{n_tok:,}", f"{rec['ppl']:.4f}",
+    table.add_row(f"{data_rec.get('name')}:{data_rec.get('split')}", f"{n_tok:,}",
+                  "-" if rec["ppl"] is None else f"{rec['ppl']:.4f}",
                   f"{rec['params_after']:,}", f"{n_tok / max(rec['seconds'], 1e-9):,.0f}")
     emit(rec, as_json, table)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from .models import ModelBundle, load_model
 from .modular import modular_train, teacher_copy
 from .plan import Group, Plan
 from .progress import ProgressFn, no_progress
+from .records import dumps, strict
 from .registry import get_method
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -33,13 +33,34 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def parse_device(name: str) -> torch.device:
+    """cpu, cuda or cuda:N, checked before any work (other torch devices, e.g. meta or mps, are
+    not supported: the methods' linear algebra and the evaluators run on CPU and CUDA only)."""
     try:
         dev = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise OffcompError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise OffcompError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OffcompError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OffcompError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
+
+
+def model_type(model: str, trust_remote_code: bool = False) -> str:
+    """`config.model_type` of a model name, directory or hub id (one line if it cannot be read,
+    e.g. a hub id while offline)."""
+    from transformers import AutoConfig
+
+    from .models import is_compressed_dir, resolve
+
+    if is_compressed_dir(model):
+        raise OffcompError(f"{model} is already compressed; compress its base model instead")
+    try:
+        return AutoConfig.from_pretrained(resolve(model), trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError) as e:
+        raise OffcompError(f"cannot load the config of model {model!r}: {str(e).splitlines()[0]}") from None
 
 
 def quick_plan(model_type: str, method: str, *, rank: int | None = None, ratio: float | None = None,
@@ -182,7 +203,7 @@ def results_path(bundle: ModelBundle, results: str | Path | None) -> Path:
 def append_result(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+        f.write(dumps(record) + "\n")
 
 
 def model_record(bundle: ModelBundle) -> dict[str, Any]:
@@ -235,5 +256,6 @@ def evaluate_ppl(
     record = {"type": "ppl", **res, "architecture": res.get("model"), **model_record(bundle),
               "seconds": time.perf_counter() - t,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions()}
+    record = strict(record)  # a non-finite number is recorded as null with its reason, never as NaN
     append_result(results_path(bundle, results), record)
     return record

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OffcompError
+from .records import dumps
 
 COLUMNS = ["model", "plan", "methods", "params_before", "params_after", "ratio", "task", "metric", "value",
            "data", "seconds", "path"]
@@ -75,7 +76,7 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps(rows, indent=2, default=str)
+        return dumps(rows, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=COLUMNS)

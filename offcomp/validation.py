@@ -79,7 +79,8 @@ def make_validator(
                 previous[name] = replace_module(model, name, module)
             res = perplexity(model, tokenizer, source, kind=kind, seq_len=seq_len, max_tokens=max_tokens,
                              batch_size=batch_size, device=device, dtype=dtype, seed=seed)
-            return float(res["ppl"])
+            # a non-finite or overflowing PPL (None) ranks below every finite candidate
+            return float("inf") if res["ppl"] is None else float(res["ppl"])
         finally:
             for name, module in previous.items():
                 replace_module(model, name, module)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from offcomp.eval.metrics import GLUE_METRICS, glue_metrics
 from offcomp.layers import CompressedModule
 from offcomp.models import file_sha256, load_model, state_dict_sha256
 from offcomp.progress import ProgressFn
+from offcomp.records import dumps
 
 
 @dataclass(frozen=True)
@@ -439,10 +439,10 @@ def write_record(trainer: Trainer | None, path: Path, record: dict) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
     with open(path.parent / "results.jsonl", "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+        f.write(dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- run

@@ -166,7 +166,7 @@ def perplexity(
         model.train(was_training)
     elapsed = time.perf_counter() - start
 
-    nll = stats.pop("nll_sum") / stats["n_tokens"]
+    nll, ppl, non_finite = _summarise(stats)
     protocol: dict[str, Any] = {
         "kind": kind,
         "seq_len": seq_len,
@@ -180,15 +180,37 @@ def perplexity(
     }
     protocol.update(stats.pop("protocol"))
     return {
-        "ppl": math.exp(nll),
+        "ppl": ppl,
         "nll": nll,
         **stats,
+        **({"non_finite": non_finite} if non_finite else {}),
         "protocol": protocol,
         "data": source.describe(),
         "model": type(model).__name__,
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(stats["n_input_tokens"] / max(elapsed, 1e-9), 1),
     }
+
+
+def _summarise(stats: dict[str, Any]) -> tuple[float | None, float | None, list[str]]:
+    """(NLL, PPL, reasons) from the summed finite losses. A window (causal) or line (masked) with a
+    NaN/Inf loss is counted and left out of the sum; then the NLL over all tokens is undefined, so
+    `nll` and `ppl` are None, the NLL of the finite windows is kept in `nll_finite`, and the reason
+    says how many windows were lost. A finite NLL whose exp overflows gives `ppl` None as well."""
+    bad, units = stats.pop("n_nonfinite"), stats.pop("unit")
+    scored = stats["n_tokens"] - stats.pop("n_nonfinite_tokens")
+    kept = stats.pop("nll_sum") / scored if scored else None
+    stats[f"n_nonfinite_{units}"] = bad
+    if bad:
+        stats["nll_finite"] = kept
+        total = stats[f"n_{units}"]
+        return None, None, [f"{bad} of {total} {units} have a non-finite loss (NaN/Inf logits): perplexity undefined"]
+    if kept is None:
+        return None, None, ["no token was scored"]
+    try:
+        return kept, math.exp(kept), []
+    except OverflowError:
+        return kept, None, [f"exp(NLL {kept:.6g}) overflows a float: perplexity too large to represent"]
 
 
 def _check_ints(**values: int | None) -> None:
@@ -235,7 +257,7 @@ def _causal(model, tokenizer, source, seq_len, stride, max_tokens, batch_size, d
     # Window 0 scores predictions 0..seq_len-2; later windows only those whose target is among the
     # window's last `stride` tokens, i.e. prediction positions >= seq_len - stride - 1.
     skip_later = seq_len - stride - 1 if stride < seq_len else 0
-    nll_sum, n_scored = 0.0, 0
+    nll_sum, n_scored, n_bad, bad_tokens = 0.0, 0, 0, 0
     for b0 in range(0, n_windows, batch_size):
         batch_starts = starts[b0 : b0 + batch_size]
         x = torch.stack([ids[s : s + seq_len] for s in batch_starts]).to(device)
@@ -243,14 +265,21 @@ def _causal(model, tokenizer, source, seq_len, stride, max_tokens, batch_size, d
         for row, s in enumerate(batch_starts):
             first = 0 if s == 0 else skip_later
             nll = F.cross_entropy(logits[row, first:-1].float(), x[row, first + 1 :], reduction="none")
-            nll_sum += nll.double().sum().item()
+            window = nll.double().sum().item()
             n_scored += nll.numel()
+            if not math.isfinite(window):
+                n_bad, bad_tokens = n_bad + 1, bad_tokens + nll.numel()
+                continue
+            nll_sum += window
         if progress is not None:
             progress("perplexity", min(b0 + batch_size, n_windows), n_windows)
     end = starts[-1] + seq_len
     return {
         "nll_sum": nll_sum,
         "n_tokens": n_scored,
+        "n_nonfinite": n_bad,
+        "n_nonfinite_tokens": bad_tokens,
+        "unit": "windows",
         "n_windows": n_windows,
         "n_input_tokens": n_windows * seq_len,
         "n_text_tokens": n_avail,
@@ -324,7 +353,7 @@ def _masked(model, tokenizer, source, max_len, max_tokens, batch_size, device, s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Longest first: little padding per batch, and an out-of-memory shows up on the first batch.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    nll_sum, n_scored = 0.0, 0
+    nll_sum, n_scored, n_bad, bad_tokens = 0.0, 0, 0, 0
     for b0 in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[b0 : b0 + batch_size]]
         width = len(batch[0][0])
@@ -338,14 +367,22 @@ def _masked(model, tokenizer, source, max_len, max_tokens, batch_size, device, s
         x, y, attn = x.to(device), y.to(device), attn.to(device)
         logits = model(input_ids=x, attention_mask=attn).logits
         keep = y != -100
-        nll = F.cross_entropy(logits[keep].float(), y[keep], reduction="none")
-        nll_sum += nll.double().sum().item()
+        nll = F.cross_entropy(logits[keep].float(), y[keep], reduction="none").double()
+        per_line = torch.zeros(len(batch), dtype=torch.float64, device=nll.device)
+        per_line.index_add_(0, keep.nonzero()[:, 0], nll)
+        finite = torch.isfinite(per_line)
+        n_bad += int((~finite).sum())
+        bad_tokens += int(keep.sum(dim=1)[~finite].sum())
+        nll_sum += per_line[finite].sum().item()
         n_scored += nll.numel()
         if progress is not None:
             progress("perplexity", min(b0 + batch_size, len(order)), len(order))
     return {
         "nll_sum": nll_sum,
         "n_tokens": n_scored,
+        "n_nonfinite": n_bad,
+        "n_nonfinite_tokens": bad_tokens,
+        "unit": "lines",
         "n_lines": len(examples),
         "n_input_tokens": sum(len(inp) for inp, _ in examples),
         "inputs_sha256": _digest(*(a for ex in examples for a in ex)),
