@@ -9,6 +9,7 @@ from . import (
     kronecker,  # noqa: F401
     prune,  # noqa: F401
     prune_structured,  # noqa: F401
+    sparsegpt,  # noqa: F401
     svd,  # noqa: F401
     svd_llm,  # noqa: F401
     tucker,  # noqa: F401

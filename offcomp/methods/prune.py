@@ -12,6 +12,13 @@ Comparison groups (`compare`):
   - "row": every output row keeps its share of K (K·mᵢ/P, largest remainders get the leftover
     weights), as Wanda does: pruning then never empties one output unit while sparing another.
 
+Semi-structured N:M (`pattern: "2:4"`): in every run of M consecutive weights along the input
+dimension (a row's columns 0..M-1, M..2M-1, …) exactly N are zero, the N lowest-scoring; the
+pattern sparse tensor cores accelerate. The pattern fixes the kept fraction at (M−N)/M, so the
+budget must say the same (2:4: ratio 0.5 or cr 2; anything else is an error), every matrix's
+input size must be a multiple of M, and `compare` does not apply. Quote it in YAML ("2:4"):
+unquoted, YAML 1.1 reads 2:4 as the base-60 number 124.
+
 Scores (`score`):
   - "magnitude": |W_ij|.
   - "wanda" (Sun et al., 2023): |W_ij|·‖X_j‖₂, with ‖X_j‖₂ the norm of input channel j over the
@@ -33,20 +40,43 @@ The bitmap wins above 1/16 density (cr < 16 with 2-byte indices), CSR below.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import field_validator
 
 from ..errors import OffcompError
 from ..layers import CompressedModule
 from ..registry import FitContext, FitUnit, Method, MethodConfig, register
 
 
+def check_pattern(v: Any) -> str | None:
+    """A "N:M" string with 0 < N < M (shared by every pruning method's config)."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise ValueError(f"pattern must be a quoted string such as \"2:4\", got {v!r} "
+                         "(unquoted, YAML reads 2:4 as the base-60 number 124)")
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", v)
+    if not m or not 0 < int(m[1]) < int(m[2]):
+        raise ValueError(f"pattern must be \"N:M\" with 0 < N < M (N zeros in every M weights), got {v!r}")
+    return f"{int(m[1])}:{int(m[2])}"
+
+
+def pattern_nm(pattern: str) -> tuple[int, int]:
+    n, m = pattern.split(":")
+    return int(n), int(m)
+
+
 class PruneConfig(MethodConfig):
     score: Literal["magnitude", "wanda"] = "magnitude"
     compare: Literal["unit", "row"] = "unit"
+    pattern: str | None = None  # "N:M": N zeros in every M consecutive inputs
+
+    _pattern = field_validator("pattern", mode="before")(check_pattern)
 
 
 class MaskedLinear(CompressedModule):
@@ -166,6 +196,77 @@ def row_masks(scores: list[torch.Tensor], quotas: list[torch.Tensor]) -> list[to
     return out
 
 
+def nm_masks(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep mask with exactly n zeros, the n lowest scores, in every m consecutive columns of each
+    row (ties: the earlier column is pruned)."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    low = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
+    keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, low, False)
+    return keep.reshape(rows, cols)
+
+
+def solve_keep(unit: FitUnit, pattern: str | None, method: str) -> dict[str, Any]:
+    """The kept count of a pruning unit from its budget (and N:M pattern), with the index cost."""
+    b = unit.budget
+    if b.kind == "rank":
+        raise OffcompError(
+            f"group {unit.label!r}: {method} keeps single weights, a rank means nothing to it; "
+            "give ratio: (fraction kept) or cr: (original/stored)"
+        )
+    total = unit.original_params
+    if pattern is None:
+        keep = b.target_params(total)
+    else:
+        n, m = pattern_nm(pattern)
+        bad = [(name, s) for name, s in zip(unit.names, unit.shapes) if s[1] % m]
+        if bad:
+            raise OffcompError(
+                f"group {unit.label!r}: pattern {pattern} needs input sizes that are multiples of {m}, "
+                f"but {bad[0][0]} has {bad[0][1][1]} inputs; use another pattern or leave it out"
+            )
+        keep = total // m * (m - n)
+        frac = b.value if b.kind == "ratio" else 1.0 / b.value
+        if abs(frac - (m - n) / m) > 1e-3:
+            raise OffcompError(
+                f"group {unit.label!r}: pattern {pattern} keeps exactly {m - n}/{m} of the weights, but the budget "
+                f"is {b}; give ratio: {(m - n) / m:.6g} (or cr: {m / (m - n):.6g})"
+            )
+    if keep < 1:
+        raise OffcompError(f"group {unit.label!r}: {b} keeps no weight at all; raise the budget")
+    if keep >= total:
+        raise OffcompError(f"group {unit.label!r}: {b} keeps all {total} weights (saves nothing)")
+    fmt, idx_bytes = index_cost(unit.shapes, keep)
+    return {"keep": keep, "index": fmt, "index_bytes": idx_bytes,
+            "bytes_fp32": 4 * keep + idx_bytes, "bytes_16bit": 2 * keep + idx_bytes}
+
+
+def build_masked(unit: FitUnit, originals: list[nn.Module]) -> list[CompressedModule]:
+    """Empty masked layers (the replacement of every pruning method), in the originals' dtype."""
+    out: list[CompressedModule] = []
+    for (n, m), kind, orig in zip(unit.shapes, unit.kinds, originals):
+        kw = {"dtype": orig.weight.dtype, "device": orig.weight.device}
+        if kind == "embedding":
+            out.append(MaskedEmbedding(n, m, getattr(orig, "padding_idx", None), **kw))
+        else:
+            out.append(MaskedLinear(m, n, getattr(orig, "bias", None) is not None, **kw))
+    return out
+
+
+def fill_masked(layers: list[CompressedModule], originals: list[nn.Module], masks: list[torch.Tensor],
+                weights: list[torch.Tensor], names: list[str], log: Any) -> list[CompressedModule]:
+    """Copy masks and (masked) weights into built layers, keep the original biases, log the counts."""
+    for layer, orig, mask, w, name in zip(layers, originals, masks, weights, names):
+        mask = mask.to(orig.weight.device)
+        layer.mask.copy_(mask)
+        layer.weight.data.copy_(w.to(device=orig.weight.device, dtype=orig.weight.dtype) * mask)
+        if getattr(orig, "bias", None) is not None:
+            layer.bias.data.copy_(orig.bias.data)
+        kept = layer.stored_values()
+        log(f"{name}: kept {kept}/{mask.numel()} ({kept / mask.numel():.1%})")
+    return layers
+
+
 def index_cost(shapes: list[tuple[int, int]], keep: int) -> tuple[str, int]:
     """Bytes of the cheaper sparse index for `keep` values: ("bitmap" | "csr", bytes)."""
     bitmap = sum(-(-n * m // 8) for n, m in shapes)
@@ -184,26 +285,12 @@ class Prune(Method):
         return ("act_sq",) if cfg.score == "wanda" else ()
 
     def solve(self, unit: FitUnit, cfg: PruneConfig) -> dict[str, Any]:
-        b = unit.budget
-        if b.kind == "rank":
-            raise OffcompError(
-                f"group {unit.label!r}: prune keeps single weights, a rank means nothing to it; "
-                "give ratio: (fraction kept) or cr: (original/stored)"
-            )
         if cfg.score == "wanda" and "embedding" in unit.kinds:
             raise OffcompError(
                 f"group {unit.label!r}: score 'wanda' needs input activations, which embeddings do not have; "
                 "use score: magnitude for embeddings"
             )
-        total = unit.original_params
-        keep = b.target_params(total)
-        if keep < 1:
-            raise OffcompError(f"group {unit.label!r}: {b} keeps no weight at all; raise the budget")
-        if keep >= total:
-            raise OffcompError(f"group {unit.label!r}: {b} keeps all {total} weights (saves nothing)")
-        fmt, idx_bytes = index_cost(unit.shapes, keep)
-        return {"keep": keep, "index": fmt, "index_bytes": idx_bytes,
-                "bytes_fp32": 4 * keep + idx_bytes, "bytes_16bit": 2 * keep + idx_bytes}
+        return solve_keep(unit, cfg.pattern, self.name)
 
     def stored_params(self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any]) -> int:
         return int(hyper["keep"])
@@ -211,14 +298,7 @@ class Prune(Method):
     def build(
         self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any], originals: list[nn.Module]
     ) -> list[CompressedModule]:
-        out: list[CompressedModule] = []
-        for (n, m), kind, orig in zip(unit.shapes, unit.kinds, originals):
-            kw = {"dtype": orig.weight.dtype, "device": orig.weight.device}
-            if kind == "embedding":
-                out.append(MaskedEmbedding(n, m, getattr(orig, "padding_idx", None), **kw))
-            else:
-                out.append(MaskedLinear(m, n, getattr(orig, "bias", None) is not None, **kw))
-        return out
+        return build_masked(unit, originals)
 
     def fit(
         self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any], originals: list[nn.Module], ctx: FitContext
@@ -231,20 +311,14 @@ class Prune(Method):
                 s = s * input_sq_norms(ctx.stats, name, m, unit.label).sqrt().to(device=dev, dtype=s.dtype)[None, :]
             scores.append(s)
         keep = int(hyper["keep"])
-        if cfg.compare == "row":
+        if cfg.pattern is not None:
+            n, m = pattern_nm(cfg.pattern)
+            masks = [nm_masks(s, n, m) for s in scores]
+        elif cfg.compare == "row":
             masks = row_masks(scores, row_quotas(unit.shapes, keep))
         else:
             flat = keep_exactly(torch.cat([s.flatten() for s in scores]), keep)
             masks = [m.view(s.shape) for m, s in zip(torch.split(flat, [s.numel() for s in scores]), scores)]
         del scores
         layers = self.build(unit, cfg, hyper, originals)
-        for layer, orig, mask, name in zip(layers, originals, masks, unit.names):
-            mask = mask.to(orig.weight.device)
-            layer.mask.copy_(mask)
-            layer.weight.data.copy_(orig.weight.detach() * mask)
-            if getattr(orig, "bias", None) is not None:
-                layer.bias.data.copy_(orig.bias.data)
-            kept = layer.stored_values()
-            ctx.log(f"{name}: kept {kept}/{mask.numel()} ({kept / mask.numel():.1%})")
-        return layers
-
+        return fill_masked(layers, originals, masks, [o.weight.detach() for o in originals], unit.names, ctx.log)
