@@ -1,24 +1,49 @@
-"""offcomp: offline compression of pretrained transformer language models."""
+"""offcomp: offline compression of pretrained transformer language models.
+
+Importing the package is cheap: torch and transformers load only when a name that needs them is
+first used (PEP 562 `__getattr__`), so `offcomp --help` and `offcomp --version` answer at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-import os  # noqa: E402
-
-# Must be set before torch loads its OpenMP runtime (importing offcomp imports torch): spinning
-# worker threads make the many small LAPACK calls of fitting up to 1000x slower on a busy 2-core
-# machine. Only a default: a user's own OMP_WAIT_POLICY wins.
+# Must be set before torch loads its OpenMP runtime (every offcomp module that imports torch runs
+# this file first): spinning worker threads make the many small LAPACK calls of fitting up to
+# 1000x slower on a busy 2-core machine. Only a default: a user's own OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .api import CompressReport, compress_, plan_units  # noqa: E402
-from .errors import OffcompError  # noqa: E402
-from .plan import Plan, load_plan, parse_plan  # noqa: E402
+from .errors import OffcompError  # noqa: E402  (no torch: safe to import eagerly)
+
+# public name -> submodule that defines it, imported on first access
+_LAZY = {
+    "CompressReport": "api", "compress_": "api", "plan_units": "api",
+    "Plan": "plan", "load_plan": "plan", "parse_plan": "plan",
+}
+
+if TYPE_CHECKING:
+    from .api import CompressReport, compress_, plan_units
+    from .plan import Plan, load_plan, parse_plan
 
 
-def load(path: str, **kwargs):  # noqa: ANN201
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load(path: str, **kwargs: Any) -> Any:
     """Rebuild a compressed checkpoint (or load any model name); returns a ModelBundle."""
     from .models import load_model
 
     return load_model(path, **kwargs)
 
 
-__all__ = ["CompressReport", "OffcompError", "Plan", "compress_", "load", "load_plan", "parse_plan", "plan_units"]
+__all__ = ["CompressReport", "OffcompError", "Plan", "__version__", "compress_", "load", "load_plan", "parse_plan",
+           "plan_units"]

@@ -59,8 +59,21 @@ class OneLineErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Offline compression of pretrained transformer language models.", epilog=EXIT_CODES)
+class _Group(OneLineErrors):
+    """Plain click help (rich's help panels cut long option names at 80 columns), with each
+    command's summary wrapped instead of cut off with "..."."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:  # typer's vendored click types
+        rows = [(name, cmd.get_short_help_str(limit=1_000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+app = typer.Typer(cls=_Group, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Offline compression of pretrained transformer language models.",
+                  epilog=EXIT_CODES)
 err = Console(stderr=True)
 out = Console()
 
@@ -69,9 +82,21 @@ def debug_enabled() -> bool:
     return os.environ.get("OFFCOMP_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        sys.stdout.write(f"offcomp {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option(
-        "--debug", help="show the traceback of an internal error (same as OFFCOMP_DEBUG=1)")] = False) -> None:
+def main(
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="show the traceback of an internal error (same as OFFCOMP_DEBUG=1)")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
     """Offline compression of pretrained transformer language models."""
     if debug:
         os.environ["OFFCOMP_DEBUG"] = "1"  # also reaches worker processes (torchrun)
@@ -372,14 +397,13 @@ def eval_ppl(
 def export(
     src: Annotated[Path, typer.Argument(help="compressed checkpoint directory")],
     dst: Annotated[Path, typer.Argument(help="output directory")],
-    dense: Annotated[bool, typer.Option("--dense", help="multiply factors back into plain weights")] = False,
+    dense: Annotated[bool, typer.Option(
+        "--dense", help="multiply factors back into plain weights (the only mode, the default)")] = True,
     overwrite: bool = False,
 ) -> None:
     """Write a plain Hugging Face checkpoint that vanilla from_pretrained loads."""
     from .checkpoint import export_dense
 
-    if not dense:
-        raise OffcompError("only --dense export exists: `offcomp export --dense SRC DST`")
     export_dense(src, dst, overwrite=overwrite)
     err.print(f"wrote {dst}")
 
