@@ -1,79 +1,84 @@
-"""Per-architecture knowledge, as data.
+"""Per-architecture knowledge, as data. The structure itself is discovered (offcomp.swap.discover).
 
-An adapter says where the transformer blocks live and what each *role* (`attn.q`, `mlp.up`, ...)
-is called inside a block. Plans may name roles instead of architecture-specific module names, so
-one plan works on BERT and LLaMA alike. Model-type checks appear nowhere else in offcomp.
+offcomp finds a model's repeated block list, its weight-bearing modules, its embedding and head, and
+which modules read one input, from the model itself; any Hugging Face transformer with one block
+list works, and a module's role defaults to its path inside a block (`self_attn.q_proj`,
+`attn.c_attn`, `ffn.lin1`). This file only adds what cannot be discovered:
+
+- `ALIASES`: friendly role names per family (`attn.q`, `mlp.up`, ...), so one plan fits BERT and
+  LLaMA alike. A model type in no table still works with paths, name suffixes and regexes.
+- `FUSED`: how fused projections (GPT-2 `c_attn`, Phi-3 `qkv_proj`, ...) split into row slices, for
+  the inspection table and for structured methods that need to refuse them.
+- `UNSUPPORTED_CONFIG`: structures offcomp refuses with one line instead of compressing wrongly.
+- `FORWARD_QUIRKS`: attributes a module's own forward applies besides its weight (Gemma's scaled
+  embedding); a replacement module must reproduce them (offcomp.swap.install).
+
+Model-type checks appear nowhere else in offcomp.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
-import torch.nn as nn
-
-from .errors import OffcompError
-
-
-@dataclass(frozen=True)
-class Adapter:
-    model_type: str
-    # Dotted path of the block list, matched as a suffix so it works with any head
-    # (`encoder.layer` matches both `encoder.layer.3` and `bert.encoder.layer.3`).
-    layers: str
-    roles: dict[str, str]
-    embed: str
-    lm_head: str | None
-    # Roles that read the same input tensor: captured once, and usable as one joint group.
-    shared_inputs: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
-
-    def layer_regex(self) -> re.Pattern[str]:
-        return re.compile(r"^(?:.*\.)?" + re.escape(self.layers) + r"\.(\d+)\.(.+)$")
-
-
-_LLAMA_ROLES = {
-    "attn.q": "self_attn.q_proj",
-    "attn.k": "self_attn.k_proj",
-    "attn.v": "self_attn.v_proj",
-    "attn.o": "self_attn.o_proj",
-    "mlp.gate": "mlp.gate_proj",
-    "mlp.up": "mlp.up_proj",
-    "mlp.down": "mlp.down_proj",
+_LLAMA = {
+    "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
 }
-_LLAMA_SHARED = (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up"))
+_BERT = {
+    "attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
+    "attn.o": "attention.output.dense", "mlp.up": "intermediate.dense", "mlp.down": "output.dense",
+}
+_FALCON = {"attn.qkv": "self_attention.query_key_value", "attn.o": "self_attention.dense",
+           "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}
 
-
-def _llama_like(model_type: str) -> Adapter:
-    return Adapter(model_type, "layers", _LLAMA_ROLES, "embed_tokens", "lm_head", _LLAMA_SHARED)
-
-
-_BERT = Adapter(
-    "bert",
-    "encoder.layer",
-    {
-        "attn.q": "attention.self.query",
-        "attn.k": "attention.self.key",
-        "attn.v": "attention.self.value",
-        "attn.o": "attention.output.dense",
-        "mlp.up": "intermediate.dense",
-        "mlp.down": "output.dense",
-    },
-    "embeddings.word_embeddings",
-    "cls.predictions.decoder",
-    (("attn.q", "attn.k", "attn.v"),),
-)
-
-ADAPTERS: dict[str, Adapter] = {
-    "bert": _BERT,
-    "roberta": Adapter(**{**_BERT.__dict__, "model_type": "roberta", "lm_head": "lm_head.decoder"}),
-    **{t: _llama_like(t) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+# model_type → friendly role → module path inside one block.
+ALIASES: dict[str, dict[str, str]] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    **{t: _BERT for t in ("bert", "roberta", "electra")},
+    "deberta-v2": {**_BERT, "attn.q": "attention.self.query_proj", "attn.k": "attention.self.key_proj",
+                   "attn.v": "attention.self.value_proj"},
+    "distilbert": {"attn.q": "attention.q_lin", "attn.k": "attention.k_lin", "attn.v": "attention.v_lin",
+                   "attn.o": "attention.out_lin", "mlp.up": "ffn.lin1", "mlp.down": "ffn.lin2"},
+    "opt": {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+            "attn.o": "self_attn.out_proj", "mlp.up": "fc1", "mlp.down": "fc2"},
+    "phi3": {"attn.qkv": "self_attn.qkv_proj", "attn.o": "self_attn.o_proj", "mlp.gate_up": "mlp.gate_up_proj",
+             "mlp.down": "mlp.down_proj"},
+    "gpt2": {"attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"},
+    "gpt_neox": {"attn.qkv": "attention.query_key_value", "attn.o": "attention.dense",
+                 "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"},
+    "falcon": _FALCON,
+    "bloom": _FALCON,
+    "modernbert": {"attn.qkv": "attn.Wqkv", "attn.o": "attn.Wo", "mlp.up_gate": "mlp.Wi", "mlp.down": "mlp.Wo"},
 }
 
+# Fused projections: model_type → path inside a block → (slice names, layout). Layout "blocks": the
+# slices are consecutive row blocks (q rows, then k rows, then v rows); "per_head": rows interleave
+# per head (Bloom, GPT-NeoX: [head0 q k v, head1 q k v, ...]) or per key/value group (Falcon), so a
+# slice is not a contiguous row range.
+FUSED: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
+    "gpt2": {"attn.c_attn": (("q", "k", "v"), "blocks")},
+    "phi3": {"self_attn.qkv_proj": (("q", "k", "v"), "blocks"), "mlp.gate_up_proj": (("gate", "up"), "blocks")},
+    "modernbert": {"attn.Wqkv": (("q", "k", "v"), "blocks"), "mlp.Wi": (("up", "gate"), "blocks")},
+    "gpt_neox": {"attention.query_key_value": (("q", "k", "v"), "per_head")},
+    "bloom": {"self_attention.query_key_value": (("q", "k", "v"), "per_head")},
+    "falcon": {"self_attention.query_key_value": (("q", "k", "v"), "per_head")},
+}
 
-def adapter_for(model_or_type: nn.Module | str) -> Adapter:
-    model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
-    if model_type not in ADAPTERS:
-        raise OffcompError(
-            f"no adapter for model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
-        )
-    return ADAPTERS[model_type]
+# Config attributes that mark a structure offcomp cannot compress faithfully (a value > 1 or True).
+UNSUPPORTED_CONFIG: dict[str, str] = {
+    "is_encoder_decoder": "encoder-decoder models (two block lists, cross-attention) are not supported",
+    "num_local_experts": "mixture-of-experts models (a router picks experts per token) are not supported",
+    "num_experts": "mixture-of-experts models (a router picks experts per token) are not supported",
+    "n_routed_experts": "mixture-of-experts models (a router picks experts per token) are not supported",
+    "moe_num_experts": "mixture-of-experts models (a router picks experts per token) are not supported",
+}
+
+# Attributes that a module's forward multiplies its output by (Gemma: `embed_scale` = √hidden, on
+# `…ScaledWordEmbedding`, as PEFT's `_get_embed_scale` reads it). Carried over to replacements.
+FORWARD_QUIRKS: tuple[str, ...] = ("embed_scale",)
+
+
+def aliases_for(model_type: str) -> dict[str, str]:
+    return dict(ALIASES.get(model_type, {}))
+
+
+def fused_for(model_type: str) -> dict[str, tuple[tuple[str, ...], str]]:
+    return dict(FUSED.get(model_type, {}))

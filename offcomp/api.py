@@ -13,12 +13,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .adapters import adapter_for
 from .errors import OffcompError
 from .plan import Plan, expand_plan
 from .progress import ProgressFn, no_progress
 from .registry import FitContext, FitUnit, Method, get_method
-from .swap import module_table, replace_module, role_table
+from .swap import discover, install, linear_view
 
 
 @dataclass
@@ -80,13 +79,17 @@ def plan_units(
     model: nn.Module, plan: Plan, stats: dict[str, dict[str, torch.Tensor]] | None = None
 ) -> list[PlannedUnit]:
     """Expand and validate a plan against a model; returns what would be fitted, touching nothing."""
-    adapter = adapter_for(model)
-    groups = expand_plan(plan, module_table(model, adapter), role_table(adapter))
+    structure = discover(model)
+    groups = expand_plan(plan, list(structure.modules), structure.roles())
     planned: list[PlannedUnit] = []
     head_dim = _head_dim(model)
     for g in groups:
         method = get_method(g.group.method)
         cfg = method.parse_config(g.group.options, g.label)
+        refused = [n for n in g.names if n in structure.refused]
+        if refused:
+            raise OffcompError(f"group {g.label!r}: {refused[0]} cannot be compressed: "
+                               f"{structure.refused[refused[0]]}; exclude it")
         bad = [n for n, k in zip(g.names, g.kinds) if k not in method.kinds]
         if bad:
             raise OffcompError(f"group {g.label!r}: method {method.name!r} cannot compress {bad[0]} ({bad[0]!r} kind)")
@@ -199,7 +202,7 @@ def compress_(
     dev = torch.device(device) if device else next(model.parameters()).device
     for i, p in enumerate(planned):
         progress(f"fitting {p.unit.label} ({p.method.name})", i, len(planned))
-        originals = [model.get_submodule(n) for n in p.unit.names]
+        originals = [linear_view(model.get_submodule(n)) for n in p.unit.names]
         weights = [o.weight.detach().clone() for o in originals]
         ctx = FitContext(device=dev, seed=seed + i, progress=progress, stats=stats, validate=validate)
         if log:
@@ -209,7 +212,7 @@ def compress_(
         layers = p.method.fit(p.unit, p.cfg, p.hyper, originals, ctx)
         seconds = time.perf_counter() - t
         for name, layer in zip(p.unit.names, layers):
-            replace_module(model, name, layer)
+            install(model, name, layer)
         report.units.append(
             UnitRecord(
                 p.unit.label, p.method.name, p.unit.names, p.unit.shapes, p.unit.kinds, p.unit.joint,

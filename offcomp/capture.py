@@ -15,11 +15,12 @@ hooks for Fisher information, and writes one directory:
                         "<module>::fisher"   (out, in) float32 Σ_batches (∂L_b/∂W_ij)²  (--fisher-full only)
     blocks/shard-NNNNN.safetensors   (--blocks only) block inputs/outputs, see `BLOCK_FORMAT`
 
-<input> is the first captured module of a set that reads one tensor (q/k/v, gate/up: the adapter's
-`shared_inputs`), so their Gram is computed and stored once; `load_stats` hands every module of the
-set the same tensor object. Fisher uses *per-batch* gradients (as FWSVD did): L_b is the mean token
-loss of one batch of `batch_size` sequences (default 1, so per sequence) — the causal LM loss for
-decoders, the masked-LM loss (15 % of tokens, BERT 80/10/10) for encoders.
+<input> is the first captured module of a set that reads one tensor (q/k/v, gate/up: traced on
+one forward pass by `offcomp.swap.shared_inputs`), so their Gram is computed and stored once;
+`load_stats` hands every module of the set the same tensor object. Fisher uses *per-batch*
+gradients (as FWSVD did): L_b is the mean token loss of one batch of `batch_size` sequences
+(default 1, so per sequence) — the causal LM loss for decoders, the masked-LM loss (15 % of
+tokens, BERT 80/10/10) for encoders.
 
 The directory name carries a hash of everything above, so a run with the same inputs reuses it and
 a different model, tokenizer, data, seed, sample count or capture set never does. Writes are atomic
@@ -116,66 +117,53 @@ class CaptureResult:
 
 
 def select_inputs(model: nn.Module, modules: tuple[str, ...] = (), layers: str = "all") -> dict[str, str]:
-    """Linear modules to capture (plan-style selectors; default every role of the adapter) mapped to
-    the module whose input they share (the adapter's shared_inputs, within one layer)."""
-    from .adapters import adapter_for
+    """Linear modules to capture (plan-style selectors; default every linear of the blocks) mapped to
+    the module whose input they share (traced on one forward pass: offcomp.swap.shared_inputs)."""
     from .plan import expand_plan, parse_plan
-    from .swap import module_table, role_table
+    from .swap import discover, shared_inputs
 
-    adapter = adapter_for(model)
-    table = module_table(model, adapter)
-    plan = parse_plan({"groups": [{"modules": list(modules) or sorted(adapter.roles), "layers": layers, "rank": 1}]},
-                      source="--modules/--layers")
-    (group,) = expand_plan(plan, table, role_table(adapter))
+    structure = discover(model)
+    plan = parse_plan({"groups": [{"modules": list(modules) or structure.default_modules(), "layers": layers,
+                                   "rank": 1}]}, source="--modules/--layers")
+    (group,) = expand_plan(plan, list(structure.modules), structure.roles())
     names = [n for n, k in zip(group.names, group.kinds) if k == "linear"]
     if not names:
         raise OffcompError("the selected modules hold no linear layer; statistics are captured for linear layers")
-    info = {m.name: m for m in table}
-    shared_set = {r: s for s in adapter.shared_inputs for r in s}
-    leader: dict[tuple[int | None, tuple[str, ...]], str] = {}
-    def order(n: str) -> tuple[int, int, str]:
-        layer = info[n].layer
-        return (-1 if layer is None else layer, _role_rank(info[n].role, shared_set), n)
-
-    for n in sorted(names, key=order):
-        s = shared_set.get(info[n].role or "")
-        if s is not None:
-            leader.setdefault((info[n].layer, s), n)
-    out = {}
-    for n in names:
-        s = shared_set.get(info[n].role or "")
-        out[n] = leader[(info[n].layer, s)] if s is not None else n
-    return out
+    return shared_inputs(model, names)
 
 
-def _role_rank(role: str | None, shared_set: dict[str, tuple[str, ...]]) -> int:
-    s = shared_set.get(role or "")
-    return s.index(role) if s else 0  # type: ignore[arg-type]
+# Block capture slots: (slot, which end, roles that can stand for it, first present wins).
+_BLOCK_SLOTS = (("attn.in", "input", ("attn.q", "attn.qkv")), ("attn.out", "output", ("attn.o",)),
+                ("mlp.in", "input", ("mlp.up", "mlp.gate_up", "mlp.up_gate")), ("mlp.out", "output", ("mlp.down",)))
 
 
 def block_roles(model: nn.Module, spec: str) -> dict[int, dict[str, str]]:
-    """layer → {attn.q, attn.o, mlp.up, mlp.down → module name} for the layers of `spec`."""
-    from .adapters import adapter_for
+    """layer → {attn.q, attn.o, mlp.up, mlp.down → module name} for the layers of `spec` (a fused
+    attn.qkv / mlp.gate_up stands for attn.q / mlp.up: it reads the same block input)."""
     from .plan import parse_layers
-    from .swap import module_table
+    from .swap import discover
 
     try:
         wanted = parse_layers(spec)
     except ValueError as e:
         raise OffcompError(f"--blocks: {e}") from None
-    table = module_table(model, adapter_for(model))
-    n_layers = 1 + max((m.layer for m in table if m.layer is not None), default=-1)
+    structure = discover(model)
+    n_layers = structure.n_layers
     layers = sorted(range(n_layers) if wanted is None else wanted)
     out: dict[int, dict[str, str]] = {}
     for i in layers:
         if i >= n_layers:
             raise OffcompError(f"--blocks {spec!r}: the model has layers 0-{n_layers - 1}")
-        roles = {m.role: m.name for m in table if m.layer == i and m.role}
-        missing = [r for r, _, _ in BLOCK_HOOKS if r not in roles]
-        if missing:
-            raise OffcompError(f"--blocks: layer {i} has no {missing[0]} module; block capture needs "
-                               "attn.q, attn.o, mlp.up and mlp.down")
-        out[i] = {r: roles[r] for r, _, _ in BLOCK_HOOKS}
+        by_path = {m.role: m.name for m in structure.modules if m.layer == i and m.role}
+        roles: dict[str, str] = {}
+        for (role, _, _), (_, _, alts) in zip(BLOCK_HOOKS, _BLOCK_SLOTS):
+            path = next((structure.aliases[a] for a in alts if structure.aliases.get(a) in by_path), None)
+            if path is None:
+                raise OffcompError(f"--blocks: layer {i} has no {role} module; block capture needs the attention "
+                                   f"input/output and FFN input/output projections, named for {structure.model_type!r} "
+                                   "in offcomp.adapters.ALIASES")
+            roles[role] = by_path[path]
+        out[i] = roles
     return out
 
 
@@ -254,6 +242,7 @@ def run_capture(
     from .checkpoint import atomic_dir, versions
     from .data import causal_text
     from .models import ModelBundle, load_model
+    from .swap import oriented_weight
 
     spec.check()
     refuse_test_split(data, split)
@@ -307,7 +296,7 @@ def run_capture(
             "model": bundle.protocol(), "data": source.describe(), "loss": kind, "spec": asdict(spec),
             "n_tokens": res.n_tokens, "n_batches": len(batches),
             "fisher_gradients": "per batch of batch_size sequences (mean token loss of the batch)",
-            "modules": {n: {"input": k, "shape": list(bundle.model.get_submodule(n).weight.shape)}
+            "modules": {n: {"input": k, "shape": list(oriented_weight(bundle.model.get_submodule(n)).shape)}
                         for n, k in input_of.items()},
             "statistics": sorted({s for d in (*res.inputs.values(), *res.modules.values()) for s in d}),
             "blocks": {"layers": sorted(blocks), "n_shards": len(batches), "dtype": spec.block_dtype,
@@ -378,15 +367,14 @@ def capture_for_plan(bundle: Any, plan: Any, data: str, split: str = "validation
                      progress: ProgressFn | None = None) -> CaptureResult:
     """Capture (or reuse) what a plan's methods and allocation need, on the loaded model: Gram
     statistics always (a forward pass), Fisher only when something asks for it (a backward pass)."""
-    from .adapters import adapter_for
     from .allocate import stat_keys
     from .plan import expand_plan
-    from .swap import module_table, role_table
+    from .swap import discover
 
-    adapter = adapter_for(bundle.model)
-    table = module_table(bundle.model, adapter)
+    structure = discover(bundle.model)
+    table = list(structure.modules)
     kinds = {m.name: m.kind for m in table}
-    names = [n for g in expand_plan(plan, table, role_table(adapter)) for n in g.names if kinds[n] == "linear"]
+    names = [n for g in expand_plan(plan, table, structure.roles()) for n in g.names if kinds[n] == "linear"]
     default = select_inputs(bundle.model)
     spec = CaptureSpec.for_keys(stat_keys(plan) | {"xtx"}, samples=samples, seq_len=seq_len, seed=seed)
     return run_capture(bundle, data, split, spec, root=root, device=device, progress=progress,

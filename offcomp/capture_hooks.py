@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .errors import OffcompError
 from .progress import ProgressFn, no_progress
+from .swap import is_transposed
 
 BLOCK_FORMAT = """\
 blocks/shard-NNNNN.safetensors, one per calibration batch, in order (NNNNN = batch index):
@@ -147,9 +148,12 @@ def collect_stats(
             for p in model.parameters():
                 p.requires_grad_(False)
             for name in input_of:
-                w = model.get_submodule(name).weight
+                mod = model.get_submodule(name)
+                w = mod.weight
                 w.requires_grad_(True)
-                handles.append(w.register_post_accumulate_grad_hook(_fisher_hook(res, name, fisher, fisher_full)))
+                transposed = is_transposed(mod)  # Conv1D: gradient stored in × out
+                handles.append(w.register_post_accumulate_grad_hook(
+                    _fisher_hook(res, name, fisher, fisher_full, transposed)))
         for i, batch in enumerate(batches):
             progress("capture", i, len(batches))
             inputs = {k: v.to(device) for k, v in batch.items()}
@@ -277,9 +281,10 @@ def finish_gram(d: dict[str, torch.Tensor], n_tokens: int) -> None:
     d["abs_mean"] = d.pop("abs_sum") / max(n_tokens, 1)
 
 
-def _fisher_hook(res: Captured, name: str, rows: bool, full: bool) -> Any:
+def _fisher_hook(res: Captured, name: str, rows: bool, full: bool, transposed: bool = False) -> Any:
     def hook(p: torch.Tensor) -> None:
         g = p.grad.detach()
+        g = g.T if transposed else g  # statistics are (out, in), like the weights methods see
         d = res.modules.setdefault(name, {})
         if rows:
             r = g.float().square().sum(1).double()  # fp32 rows (≤ a few 1000 terms), fp64 across batches

@@ -25,11 +25,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_model
 
 from .errors import OffcompError
-from .layers import CompressedModule
 from .plan import Budget
 from .records import dumps
 from .registry import FitUnit, get_method
-from .swap import replace_module
+from .swap import densify_, install, linear_view
 
 FORMAT_VERSION = 1
 MANIFEST = "offcomp.json"
@@ -135,7 +134,7 @@ def rebuild_units(model: nn.Module, units: list[dict[str, Any]], rename: Any = l
     for u in units:
         names = [rename(n) for n in u["names"]]
         try:
-            originals = [model.get_submodule(n) for n in names]
+            originals = [linear_view(model.get_submodule(n)) for n in names]
         except AttributeError:
             skipped.append(u["label"])  # e.g. an LM head unit when loading with a task head
             continue
@@ -144,7 +143,7 @@ def rebuild_units(model: nn.Module, units: list[dict[str, Any]], rename: Any = l
         unit = FitUnit(u["label"], names, [tuple(s) for s in u["shapes"]], u["kinds"], u["joint"],
                        Budget(u["budget"]["kind"], u["budget"]["value"]))
         for name, layer in zip(names, method.build(unit, cfg, u["hyper"], originals)):
-            replace_module(model, name, layer)
+            install(model, name, layer)
     return skipped
 
 
@@ -201,9 +200,7 @@ def export_dense(src: str | Path, out: str | Path, overwrite: bool = False) -> P
     out = prepare_out_dir(out, overwrite)
     bundle = load_model(str(src))
     model = bundle.model
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, CompressedModule):
-            replace_module(model, name, mod.dense_module())
+    densify_(model)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

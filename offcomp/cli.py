@@ -293,8 +293,7 @@ def compress(
     as_json: Json = False,
 ) -> None:
     """Compress a model by a plan (or the quick one-group form) and save a checkpoint."""
-    from .adapters import adapter_for
-    from .pipeline import compress_model, model_type, quick_plan
+    from .pipeline import compress_model, model_config, quick_plan
     from .plan import load_plan
 
     if (plan is None) == (method is None):
@@ -314,9 +313,8 @@ def compress(
             )
         the_plan, source = load_plan(plan), str(plan)
     else:
-        mtype = model_type(model, trust_remote_code)
-        adapter_for(mtype)
-        the_plan = quick_plan(mtype, method, rank=rank, ratio=ratio, cr=cr, modules=modules,  # type: ignore[arg-type]
+        config = model_config(model, trust_remote_code)
+        the_plan = quick_plan(config, method, rank=rank, ratio=ratio, cr=cr, modules=modules,  # type: ignore[arg-type]
                               layers=layers, joint=joint, options=parse_options(option or []),
                               allocate=None if allocate is None else {"ratio": allocate,
                                                                       "criterion": allocate_criterion},

@@ -150,12 +150,32 @@ def resolve(name: str) -> str:
     return name  # a hub id
 
 
+# Architecture-name endings of the language-model heads, besides transformers' own auto mappings
+# (which name every LM head class it knows: GPT2LMHeadModel, XLMWithLMHeadModel, ...).
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "WithLMHead")
+_MASKED_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
+
+
 def default_head(config: Any) -> str:
+    """The head a checkpoint was saved with, from `config.architectures` (any class transformers
+    maps to a causal or masked LM, or a name ending like one); without architectures, the model
+    type's only LM head kind; otherwise the bare model."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    causal, masked = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()), set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
     archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") for a in archs):
+    if any(a in causal or a.endswith(_CAUSAL_SUFFIXES) for a in archs):
         return "causal-lm"
-    if any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
+    if any(a in masked or a.endswith(_MASKED_SUFFIXES) for a in archs):
         return "masked-lm"
+    if not archs:
+        mt = getattr(config, "model_type", None)
+        is_causal, is_masked = mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        if is_causal != is_masked:
+            return "causal-lm" if is_causal else "masked-lm"
     return "base"
 
 

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .adapters import adapter_for
 from .errors import OffcompError
 from .layers import CompressedModule
 from .plan import ModularConfig
 from .progress import ProgressFn, no_progress
+from .swap import discover, layer_list
 
 
 class _Stop(Exception):
@@ -76,15 +76,12 @@ class BlockCall:
 
 
 def _layer_list(model: nn.Module) -> list[nn.Module]:
-    suffix = adapter_for(model).layers
-    for name, mod in model.named_modules():
-        if (name == suffix or name.endswith("." + suffix)) and isinstance(mod, nn.ModuleList):
-            return list(mod)
-    raise OffcompError(f"cannot find the block list {suffix!r} in {type(model).__name__}")
+    return layer_list(model)
 
 
 def block_paths(layer: nn.Module, roles: dict[str, str]) -> list[str]:
-    """Dotted paths (inside a layer) of its attention and FFN blocks; [""] when a block is the layer."""
+    """Dotted paths (inside a layer) of its attention and FFN blocks (from the friendly roles
+    `attn.*` / `mlp.*`); [""] when a block is the layer, or when the family has no such roles."""
     present = {n for n, _ in layer.named_modules()}
     paths = []
     for prefix in ("attn.", "mlp."):
@@ -97,7 +94,7 @@ def block_paths(layer: nn.Module, roles: dict[str, str]) -> list[str]:
                 break
             common.append(parts[0])
         paths.append(".".join(common[: min(len(n) for n in names) - 1]))
-    return [""] if "" in paths else paths
+    return [""] if "" in paths or not paths else paths
 
 
 def _trainable(block: nn.Module, shared: set[int]) -> list[nn.Parameter]:
@@ -236,7 +233,7 @@ def modular_train(
     t_layers, s_layers = _layer_list(teacher), _layer_list(student)
     if len(t_layers) != len(s_layers):
         raise OffcompError("modular training needs the dense and the compressed model of one architecture")
-    roles = adapter_for(student).roles
+    roles = discover(student).aliases
     owners: dict[int, set[int]] = {}
     for i, layer in enumerate(s_layers):
         for m in layer.modules():

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from .adapters import adapter_for
 from .api import compress_, count_params, plan_units
 from .checkpoint import prepare_out_dir, save_compressed, versions
 from .errors import OffcompError
@@ -48,9 +47,9 @@ def parse_device(name: str) -> torch.device:
     return dev
 
 
-def model_type(model: str, trust_remote_code: bool = False) -> str:
-    """`config.model_type` of a model name, directory or hub id (one line if it cannot be read,
-    e.g. a hub id while offline)."""
+def model_config(model: str, trust_remote_code: bool = False) -> Any:
+    """The config of a model name, directory or hub id (one line if it cannot be read, e.g. a hub id
+    while offline)."""
     from transformers import AutoConfig
 
     from .models import is_compressed_dir, resolve
@@ -58,12 +57,17 @@ def model_type(model: str, trust_remote_code: bool = False) -> str:
     if is_compressed_dir(model):
         raise OffcompError(f"{model} is already compressed; compress its base model instead")
     try:
-        return AutoConfig.from_pretrained(resolve(model), trust_remote_code=trust_remote_code).model_type
+        return AutoConfig.from_pretrained(resolve(model), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise OffcompError(f"cannot load the config of model {model!r}: {str(e).splitlines()[0]}") from None
 
 
-def quick_plan(model_type: str, method: str, *, rank: int | None = None, ratio: float | None = None,
+def model_type(model: str, trust_remote_code: bool = False) -> str:
+    """`config.model_type` of a model name, directory or hub id."""
+    return model_config(model, trust_remote_code).model_type
+
+
+def quick_plan(model_type: Any, method: str, *, rank: int | None = None, ratio: float | None = None,
                cr: float | None = None, modules: list[str] | None = None, layers: str = "all",
                joint: bool = False, options: dict[str, Any] | None = None,
                allocate: dict[str, Any] | None = None, modular: dict[str, Any] | None = None) -> Plan:
@@ -71,8 +75,11 @@ def quick_plan(model_type: str, method: str, *, rank: int | None = None, ratio: 
     layer of the transformer blocks (all roles), never the embeddings or the LM head. With
     `allocate` ({"ratio": ..., "criterion": ...}) the group has no budget of its own: ranks are
     spread by measured sensitivity (offcomp.allocate). With `modular` ({"epochs": ...}) the compressed
-    blocks are then trained to reproduce the dense ones (offcomp.modular)."""
-    mods = modules or sorted(adapter_for(model_type).roles)
+    blocks are then trained to reproduce the dense ones (offcomp.modular). `model_type`: a model type,
+    a config or a model (its structure is discovered to find the default modules)."""
+    from .swap import default_modules
+
+    mods = modules or default_modules(model_type)
     try:
         group = Group(name=f"{method}", modules=mods, layers=layers, joint=joint, method=method,
                       options=options or {}, rank=rank, ratio=ratio, cr=cr)

@@ -205,8 +205,8 @@ def parse_plan(raw: Any, source: str = "plan") -> Plan:
 def _matches(entry: str, info: ModuleInfo, roles: dict[str, str]) -> bool:
     if entry.startswith("re:"):
         return re.fullmatch(entry[3:], info.name) is not None
-    if entry in roles:  # a role matches by role only: BERT's mlp.down suffix `output.dense` is also attn.o's
-        return entry == info.role
+    if entry in roles:  # a role (or alias) matches by role only: BERT's `output.dense` is not attn.o's
+        return roles[entry] == info.role
     return info.name == entry or info.name.endswith("." + entry)
 
 

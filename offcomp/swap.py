@@ -1,41 +1,321 @@
-"""The one place that walks a model: list compressible modules and swap replacements in."""
+"""The one place that walks a model: discover its structure, list compressible modules, swap
+replacements in.
+
+Discovery needs no table: the block list is the outermost `ModuleList` of identically-typed
+modules holding weight-bearing modules (`model.layers`, `transformer.h`, `encoder.layer`,
+`model.decoder.layers`, ...); the weight-bearing modules are `nn.Linear`, transformers' `Conv1D`
+(weight stored transposed, in × out: read through `linear_view`), and `nn.Embedding`; the input
+embedding and the LM head are what the model's `get_input_embeddings` / `get_output_embeddings`
+return. A block module's role is its path inside the block; `offcomp.adapters` adds friendly
+aliases. Which modules read one input is traced on one forward pass (`shared_inputs`).
+"""
 
 from __future__ import annotations
 
-import torch.nn as nn
+import re
+from dataclasses import dataclass
+from typing import Any
 
-from .adapters import Adapter
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from .adapters import FORWARD_QUIRKS, UNSUPPORTED_CONFIG, aliases_for, fused_for
+from .errors import OffcompError
+from .layers import CompressedModule
 from .plan import ModuleInfo
 
-
-def role_table(adapter: Adapter) -> dict[str, str]:
-    """Role → module-name suffix, including the whole-model roles `embed` and `lm_head`."""
-    roles = dict(adapter.roles)
-    roles["embed"] = adapter.embed
-    if adapter.lm_head:
-        roles["lm_head"] = adapter.lm_head
-    return roles
+_PLAIN_FORWARD = {nn.Linear: nn.Linear.forward, nn.Embedding: nn.Embedding.forward, Conv1D: Conv1D.forward}
 
 
-def module_table(model: nn.Module, adapter: Adapter) -> list[ModuleInfo]:
-    """Every nn.Linear / nn.Embedding with its weight shape, block index and role."""
-    rx = adapter.layer_regex()
-    by_suffix = {v: k for k, v in role_table(adapter).items()}
-    out = []
+def weight_kind(mod: nn.Module) -> str | None:
+    """"linear" (nn.Linear, Conv1D), "embedding" (nn.Embedding), or None."""
+    if isinstance(mod, nn.Linear | Conv1D):
+        return "linear"
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def linear_view(mod: nn.Module) -> nn.Module:
+    """The module as an (out × in) nn.Linear: Conv1D keeps its weight transposed (in × out), so
+    methods get a Linear that shares its storage (a transposed view) and its bias."""
+    if not isinstance(mod, Conv1D):
+        return mod
+    view = nn.Linear(mod.weight.shape[0], mod.weight.shape[1], bias=False, device="meta")
+    view.weight = nn.Parameter(mod.weight.detach().T, requires_grad=False)
+    view.bias = mod.bias
+    return view
+
+
+def is_transposed(mod: nn.Module) -> bool:
+    """Whether the module stores its weight as (in, out) (transformers' Conv1D)."""
+    return isinstance(mod, Conv1D)
+
+
+def oriented_weight(mod: nn.Module) -> torch.Tensor:
+    """The weight as (out, in) for a linear, (num, dim) for an embedding, whatever the storage."""
+    return mod.weight.T if isinstance(mod, Conv1D) else mod.weight
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What offcomp knows of a model: block list, compressible modules, roles and aliases."""
+
+    model_type: str
+    blocks: str  # dotted path of the block list, e.g. "model.layers"
+    block_type: str
+    n_layers: int
+    modules: tuple[ModuleInfo, ...]
+    aliases: dict[str, str]  # friendly role → path inside a block (only those present)
+    embed: str | None
+    lm_head: str | None
+    transposed: frozenset[str]  # Conv1D modules (weight stored in × out)
+    tied: tuple[tuple[str, ...], ...]  # modules sharing one weight tensor
+    refused: dict[str, str]  # module → why it cannot be replaced faithfully
+
+    def roles(self) -> dict[str, str]:
+        """Every name a plan may use as a role → the canonical role it selects."""
+        out = {m.role: m.role for m in self.modules if m.role}
+        out.update(self.aliases)
+        return out
+
+    def block_paths(self) -> list[str]:
+        """Paths inside a block of its linear modules, in module order."""
+        seen: dict[str, None] = {}
+        for m in self.modules:
+            if m.layer is not None and m.kind == "linear" and m.role:
+                seen.setdefault(m.role, None)
+        return list(seen)
+
+    def default_modules(self) -> list[str]:
+        """Every linear of the blocks, named by alias where there is one, sorted."""
+        named = {v: k for k, v in self.aliases.items()}
+        return sorted(named.get(p, p) for p in self.block_paths())
+
+    def layer_regex(self) -> re.Pattern[str]:
+        return re.compile(r"^" + re.escape(self.blocks) + r"\.(\d+)\.(.+)$")
+
+
+def _check_supported(model: nn.Module) -> None:
+    cfg = getattr(model, "config", None)
+    for key, why in UNSUPPORTED_CONFIG.items():
+        v = getattr(cfg, key, None) if cfg is not None else None
+        if v is True or (isinstance(v, int) and not isinstance(v, bool) and v > 1):
+            raise OffcompError(f"{type(model).__name__}: {why} (config.{key} = {v})")
+
+
+def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    found = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            kind = "linear"
-        elif isinstance(mod, nn.Embedding):
-            kind = "embedding"
+        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(c) for c in mod}) == 1 and any(
+            weight_kind(x) or isinstance(x, CompressedModule) for x in mod[0].modules()
+        ):
+            found.append((name, mod))
+    top = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+    if not top:
+        raise OffcompError(f"{type(model).__name__}: no repeated block list (a ModuleList of identical blocks "
+                           "holding linear layers) found; offcomp compresses transformer stacks")
+    if len(top) > 1:
+        raise OffcompError(f"{type(model).__name__} has several block lists ({', '.join(n for n, _ in top)}); "
+                           "models with more than one stack (encoder-decoder, vision towers) are not supported")
+    return top[0]
+
+
+def _name_of(model: nn.Module, getter: str) -> str | None:
+    try:
+        mod = getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
+    if mod is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is mod), None)
+
+
+@torch.no_grad()
+def _refusal(mod: nn.Module) -> str | None:
+    """Why replacing `mod` by a weight-based module would change what it computes, if it would.
+
+    A subclass that overrides the base forward (FalconLinear, Gemma's scaled embedding, OPT's
+    position embedding with its offset) is probed once on a small input: it is replaceable when
+    it computes the plain function of its weight (and bias), times its `FORWARD_QUIRKS` scale."""
+    base = next((b for b in _PLAIN_FORWARD if isinstance(mod, b)), None)
+    if base is None or type(mod).forward is _PLAIN_FORWARD[base] or mod.weight.is_meta:
+        return None
+    w = oriented_weight(mod)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        if base is nn.Embedding:
+            x = torch.randint(0, w.shape[0], (1, 4), generator=g).to(w.device)
+            want = w[x]
         else:
+            x = torch.randn(2, w.shape[1], generator=g).to(w)
+            want = x @ w.T + (mod.bias if mod.bias is not None else 0)
+        for q in FORWARD_QUIRKS:
+            if isinstance(getattr(mod, q, None), torch.Tensor | float | int):
+                want = want * getattr(mod, q)
+        got = mod(x)
+        same = isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, 1e-4, 1e-5)
+    except Exception:  # noqa: BLE001  (a forward that needs other arguments is not a plain one)
+        same = False
+    if same:
+        return None
+    return (f"{type(mod).__name__}.forward computes more than its weight (e.g. a position offset), "
+            "which a replacement would not reproduce")
+
+
+def discover(model: nn.Module) -> Structure:
+    """The structure of any PreTrainedModel with one stack of identical blocks."""
+    _check_supported(model)
+    blocks, layers = _block_list(model)
+    rx = re.compile(r"^" + re.escape(blocks) + r"\.(\d+)\.(.+)$")
+    embed, head = _name_of(model, "get_input_embeddings"), _name_of(model, "get_output_embeddings")
+    infos, transposed, refused, owners = [], set(), {}, {}
+    for name, mod in model.named_modules():
+        kind = weight_kind(mod)
+        if kind is None:
             continue
         m = rx.match(name)
-        layer, rel = (int(m.group(1)), m.group(2)) if m else (None, name)
-        role = by_suffix.get(rel) or next(
-            (r for s, r in by_suffix.items() if m is None and (name == s or name.endswith("." + s))), None
-        )
-        out.append(ModuleInfo(name, kind, tuple(mod.weight.shape), layer, role))
+        layer, role = (int(m.group(1)), m.group(2)) if m else (None, None)
+        if name == embed:
+            role = "embed"
+        elif name == head:
+            role = "lm_head"
+        infos.append(ModuleInfo(name, kind, tuple(oriented_weight(mod).shape), layer, role))  # type: ignore[arg-type]
+        if isinstance(mod, Conv1D):
+            transposed.add(name)
+        if (why := _refusal(mod)) is not None:
+            refused[name] = why
+        owners.setdefault(id(mod.weight), []).append(name)
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    paths = {i.role for i in infos if i.layer is not None}
+    aliases = {k: v for k, v in aliases_for(model_type).items() if v in paths}
+    return Structure(model_type, blocks, type(layers[0]).__name__, len(layers), tuple(infos), aliases, embed, head,
+                     frozenset(transposed), tuple(tuple(v) for v in owners.values() if len(v) > 1), refused)
+
+
+def fused(structure: Structure) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Fused projections present in the model: path inside a block → (slice names, layout)."""
+    return {p: v for p, v in fused_for(structure.model_type).items() if p in set(structure.block_paths())}
+
+
+def skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """A weightless (meta-device) base model of a config or model type, enough to discover structure."""
+    from transformers import AutoConfig, AutoModel
+
+    if isinstance(config, str):
+        config = AutoConfig.for_model(config)
+    try:
+        with torch.device("meta"):
+            return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as e:
+        raise OffcompError(f"cannot build a {getattr(config, 'model_type', config)!r} model: "
+                           f"{str(e).splitlines()[0]}") from None
+
+
+def default_modules(model_or_config: Any, trust_remote_code: bool = False) -> list[str]:
+    """The quick form's default selection: every linear of the blocks (aliases where known)."""
+    model = model_or_config if isinstance(model_or_config, nn.Module) else skeleton(model_or_config, trust_remote_code)
+    return discover(model).default_modules()
+
+
+def module_table(model: nn.Module) -> list[ModuleInfo]:
+    """Every nn.Linear / Conv1D / nn.Embedding with its (out, in) weight shape, block index and role."""
+    return list(discover(model).modules)
+
+
+def role_table(model: nn.Module) -> dict[str, str]:
+    """Role or alias → canonical role (path inside a block, `embed`, `lm_head`)."""
+    return discover(model).roles()
+
+
+def layer_list(model: nn.Module) -> list[nn.Module]:
+    return list(model.get_submodule(discover(model).blocks))
+
+
+@torch.no_grad()
+def shared_inputs(model: nn.Module, names: list[str] | None = None, seq_len: int = 8) -> dict[str, str]:
+    """module name → the first module (in model order) that reads the very same input tensor, found by
+    tracing one forward pass on a tiny input; a module reading its own input maps to itself.
+
+    Identity of the input tensor, not naming rules: q/k/v of LLaMA, GPT-2's c_attn alone, Falcon's
+    fused QKV together with its parallel MLP. If the model cannot run a bare `input_ids` forward,
+    every module keeps its own input (correct, only slower to capture)."""
+    wanted = set(names) if names is not None else {i.name for i in discover(model).modules if i.kind == "linear"}
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if name in wanted:
+            handles.append(mod.register_forward_hook(
+                lambda m, args, out, name=name: seen.append((name, args[0])) if args else None))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 2) or 2
+    dev = next(model.parameters()).device
+    ids = (torch.arange(seq_len, device=dev) % vocab + (1 if vocab > seq_len + 1 else 0))[None]
+    was_training = model.training
+    try:
+        model.eval()
+        model(input_ids=ids)
+    except Exception:  # noqa: BLE001  (tracing is an optimisation; no sharing is still correct)
+        seen.clear()
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    out: dict[str, str] = {}
+    leaders: list[tuple[torch.Tensor, str]] = []
+    for name, x in seen:
+        if name in out:
+            continue
+        leader = next((n for t, n in leaders if t is x), None)
+        if leader is None:
+            leaders.append((x, name))
+        out[name] = leader or name
+    for n in wanted:
+        out.setdefault(n, n)
     return out
+
+
+def _scaled_forward(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+    return out * mod.embed_scale.to(out.dtype)
+
+
+def install(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put the replacement `new` where `name` is, carrying over what the original's forward does
+    besides its weight (`FORWARD_QUIRKS`: Gemma's embed_scale); returns the original."""
+    old = replace_module(model, name, new)
+    scale = getattr(old, "embed_scale", None)
+    if scale is not None and not hasattr(new, "embed_scale"):  # installed once, even if swapped in again
+        t = scale.detach().clone() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
+        new.register_buffer("embed_scale", t.to(device=next(new.parameters()).device), persistent=False)
+        new.register_forward_hook(_scaled_forward)
+    return old
+
+
+def densify_(model: nn.Module) -> int:
+    """Replace every compressed module by a plain module computing the same function, shaped and
+    oriented like the architecture's own (Conv1D stays Conv1D), so `save_pretrained` writes a
+    checkpoint vanilla `from_pretrained` loads. Forward quirks (embed_scale) are the architecture's
+    own and come back with it. Returns how many modules were replaced."""
+    import copy
+
+    with torch.device("meta"):
+        skeleton = type(model)(copy.deepcopy(model.config))
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, CompressedModule):
+            continue
+        dense = mod.dense_module()
+        if isinstance(skeleton.get_submodule(name), Conv1D):
+            conv = Conv1D(dense.weight.shape[0], dense.weight.shape[1]).to(dense.weight)
+            conv.weight = nn.Parameter(dense.weight.detach().T.contiguous())
+            if dense.bias is not None:
+                conv.bias = nn.Parameter(dense.bias.detach().clone())
+            else:
+                nn.init.zeros_(conv.bias)
+            dense = conv
+        replace_module(model, name, dense)
+        n += 1
+    return n
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

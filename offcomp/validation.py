@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .data import TextSource, causal_text, rows_sha256
 from .errors import OffcompError
-from .swap import replace_module
+from .swap import install, replace_module
 
 Validator = Callable[[dict[str, nn.Module]], float]
 _TEST_FILE = re.compile(r"(^|[._-])test([._-]|$)", re.IGNORECASE)
@@ -76,7 +76,7 @@ def make_validator(
         previous: dict[str, nn.Module] = {}
         try:
             for name, module in candidates.items():
-                previous[name] = replace_module(model, name, module)
+                previous[name] = install(model, name, module)
             res = perplexity(model, tokenizer, source, kind=kind, seq_len=seq_len, max_tokens=max_tokens,
                              batch_size=batch_size, device=device, dtype=dtype, seed=seed)
             # a non-finite or overflowing PPL (None) ranks below every finite candidate

@@ -97,3 +97,67 @@ def llama():
 @pytest.fixture
 def bert():
     return tiny_bert()
+
+
+# Tiny configs of every architecture the contract covers (≤ 2 layers, hidden 64, vocab 128), built
+# with AutoConfig.for_model: nothing is downloaded. Keys are model types.
+_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, pad_token_id=0,
+               bos_token_id=2, eos_token_id=3, max_position_embeddings=64)
+_GATED = dict(intermediate_size=128, num_key_value_heads=2)
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": _GATED, "mistral": _GATED, "qwen2": _GATED, "qwen3": {**_GATED, "head_dim": 16},
+    "gemma": {**_GATED, "head_dim": 16}, "gemma2": {**_GATED, "head_dim": 16},
+    "gemma3_text": {**_GATED, "head_dim": 16}, "phi3": {"intermediate_size": 128},
+    "gpt2": {"n_inner": 128, "n_positions": 64}, "gpt_neox": {"intermediate_size": 128},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64}, "falcon": {}, "bloom": {},
+    "bert": {"intermediate_size": 128}, "roberta": {"intermediate_size": 128, "pad_token_id": 1},
+    "distilbert": {"hidden_dim": 128}, "deberta-v2": {"intermediate_size": 128},
+    "electra": {"intermediate_size": 128, "embedding_size": 64},
+    "modernbert": {"intermediate_size": 128, "global_attn_every_n_layers": 2, "cls_token_id": 2, "sep_token_id": 3},
+}
+MASKED_TYPES = ("bert", "roberta", "distilbert", "deberta-v2", "electra", "modernbert")
+
+
+def tiny_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **{**_COMMON, **TINY_CONFIGS[model_type], **overrides})
+
+
+def tiny_model(model_type: str, head: str | None = None, seed: int = 0, **overrides):
+    """A tiny random model of `model_type` with its LM head (masked for encoders) or `head`."""
+    from offcomp.models import HEADS
+
+    head = head or ("masked-lm" if model_type in MASKED_TYPES else "causal-lm")
+    torch.manual_seed(seed)
+    return HEADS[head].from_config(tiny_config(model_type, **overrides)).eval()
+
+
+_WORDS = ("the of and to a in is it that for was on are as with by at from this be or an which not but have "
+          "one all were we when there can has more if no out so what up its about into than them only some "
+          "could new these two may first then do any like my now over such our man me even most made after "
+          "also did many before must through back years where much your way well down should because each "
+          "just those people how too little state good very make world still own see men work long get here").split()
+
+
+def tiny_word_tokenizer():
+    """A fast word-level tokenizer of ≤ 128 ids with [CLS]/[SEP]/[MASK] (for both LM protocols)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS[:123]])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]")
+
+
+def word_text(path, lines: int = 24, seed: int = 0):
+    """A small text file of random vocabulary words (for perplexity runs on tiny models)."""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(_WORDS[:123]) for _ in range(24)) for _ in range(lines)) + "\n")
+    return path

@@ -6,6 +6,8 @@ options (e.g. Tucker on attention projections)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,7 +16,16 @@ from offcomp.checkpoint import load_compressed, save_compressed
 from offcomp.layers import CompressedModule
 from offcomp.registry import available_methods, get_method
 
-from .conftest import tiny_bert, tiny_llama
+from .conftest import (
+    MASKED_TYPES,
+    TINY_CONFIGS,
+    save_model_dir,
+    tiny_bert,
+    tiny_llama,
+    tiny_model,
+    tiny_word_tokenizer,
+    word_text,
+)
 
 # method -> overrides of the default case (modules, options, joint support, exact tensor count).
 CASES: dict[str, dict] = {
@@ -105,3 +116,80 @@ def test_error_falls_with_budget(method):
         report = offcomp.compress_(model, make_plan(method, case(method)["joint_only"], cr=cr), seed=0)
         errors.append(sum(u.rel_error for u in report.units))
     assert errors[0] > errors[1] > errors[2]
+
+
+# ---------------------------------------------------------------- every architecture
+
+ARCHS = sorted(TINY_CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory):
+    return word_text(tmp_path_factory.mktemp("text") / "words.txt")
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_architecture_contract(model_type, tmp_path, words, one_thread):
+    """Default-module SVD at ratio 0.8, one joint group and the embedding, through the CLI's path:
+    compress a saved directory, save → load gives identical logits, the dense export computes the
+    same function, eval-ppl runs."""
+    from offcomp.checkpoint import export_dense
+    from offcomp.models import load_model
+    from offcomp.pipeline import compress_model, evaluate_ppl, quick_plan
+    from offcomp.swap import discover
+
+    model = tiny_model(model_type)
+    src = save_model_dir(model, tiny_word_tokenizer(), tmp_path / "src")
+    structure = discover(model)
+    assert structure.n_layers == 2 and structure.embed and structure.lm_head
+    joint = structure.block_paths()[-1]  # the FFN output projection, one shape in every layer
+    plan = quick_plan(model.config, "svd", ratio=0.8)
+    plan = offcomp.parse_plan({"groups": [
+        {**plan.groups[0].model_dump(), "exclude": [joint]},
+        {"name": "joint", "modules": [joint], "joint": True, "method": "svd", "ratio": 0.8},
+        {"name": "embed", "modules": ["embed"], "method": "svd", "ratio": 0.8}]})
+    manifest = compress_model(str(src), plan, tmp_path / "ck")
+    units = manifest["report"]["units"]
+    linears = [m.name for m in structure.modules if m.layer is not None and m.kind == "linear"]
+    assert sorted(n for u in units for n in u["names"]) == sorted(linears + [structure.embed])
+    assert manifest["report"]["params_after"] < manifest["report"]["params_before"]
+
+    ids = torch.randint(5, 128, (2, 10))
+    compressed = load_model(str(tmp_path / "ck"))
+    assert compressed.head == ("masked-lm" if model_type in MASKED_TYPES else "causal-lm")
+    again = load_model(str(tmp_path / "ck"))
+    assert torch.equal(_logits(compressed.model, ids), _logits(again.model, ids))
+
+    export_dense(tmp_path / "ck", tmp_path / "dense")
+    dense = load_model(str(tmp_path / "dense"))
+    torch.testing.assert_close(_logits(dense.model, ids), _logits(compressed.model, ids), rtol=1e-4, atol=1e-4)
+
+    rec = evaluate_ppl(str(tmp_path / "ck"), str(words), seq_len=32, max_tokens=128, results=tmp_path / "r.jsonl")
+    assert rec["n_tokens"] > 0 and math.isfinite(rec["ppl"])
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_full_rank_reproduces_dense_logits(model_type, monkeypatch, one_thread):
+    """Every matrix, the embedding and the LM head included, at full rank: the logits must not move.
+    Catches anything a replacement drops (Gemma's embed_scale, an LM-head or MLM-decoder bias, a
+    transposed Conv1D, a tie)."""
+    from offcomp.methods.svd import SVD
+    from offcomp.swap import discover
+
+    monkeypatch.setattr(SVD, "solve", lambda self, unit, cfg: {"rank": min(unit.shapes[0])})
+    model = tiny_model(model_type)
+    ids = torch.randint(5, 128, (2, 10))
+    before = _logits(model, ids)
+    structure = discover(model)
+    plan = offcomp.parse_plan({"groups": [{"modules": ["re:.*"], "exclude": sorted(structure.refused),
+                                           "method": "svd", "rank": 1}]})
+    report = offcomp.compress_(model, plan)
+    names = {n for u in report.units for n in u.names}
+    assert {structure.embed, structure.lm_head} <= names
+    assert len(names) == len(structure.modules) - len(structure.refused)
+    torch.testing.assert_close(_logits(model, ids), before, rtol=1e-4, atol=1e-4)

@@ -10,11 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 import offcomp
-from offcomp.adapters import adapter_for
 from offcomp.cli import app
 from offcomp.layers import CompressedModule, LowRankLinear
 from offcomp.modular import _layer_list, block_paths, modular_train, teacher_copy
 from offcomp.plan import ModularConfig
+from offcomp.swap import discover
 
 from .conftest import save_model_dir, tiny_bert, tiny_llama
 
@@ -46,8 +46,8 @@ def compressed(model, joint: bool = False, modules=ALL):
 
 def test_blocks_are_the_attention_and_ffn_modules_or_the_whole_layer():
     llama, bert = tiny_llama(), tiny_bert(head="base")
-    assert block_paths(_layer_list(llama)[0], adapter_for(llama).roles) == ["self_attn", "mlp"]
-    assert block_paths(_layer_list(bert)[0], adapter_for(bert).roles) == [""]  # BERT's FFN is not a module
+    assert block_paths(_layer_list(llama)[0], discover(llama).aliases) == ["self_attn", "mlp"]
+    assert block_paths(_layer_list(bert)[0], discover(bert).aliases) == [""]  # BERT's FFN is not a module
 
 
 @pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_bert(head="base")], ids=["llama", "bert"])

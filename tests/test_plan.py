@@ -10,7 +10,6 @@ import torch
 from typer.testing import CliRunner
 
 import offcomp
-from offcomp.adapters import adapter_for
 from offcomp.cli import app
 from offcomp.errors import OffcompError
 from offcomp.plan import parse_layers
@@ -51,11 +50,12 @@ def test_expansion_order_and_exclude(llama):
 
 
 def test_module_table_roles(llama):
-    table = {m.name: m for m in module_table(llama, adapter_for(llama))}
-    assert table["model.layers.1.mlp.down_proj"].role == "mlp.down"
+    table = {m.name: m for m in module_table(llama)}
+    assert table["model.layers.1.mlp.down_proj"].role == "mlp.down_proj"  # the path inside the block
+    assert role_table(llama)["mlp.down"] == "mlp.down_proj"  # the friendly alias selects it
     assert table["model.layers.1.mlp.down_proj"].layer == 1
     assert table["model.embed_tokens"].role == "embed" and table["model.embed_tokens"].kind == "embedding"
-    assert "lm_head" in role_table(adapter_for(llama))
+    assert "lm_head" in role_table(llama)
 
 
 @pytest.mark.parametrize(
