@@ -2,23 +2,29 @@
 
 Every (method, budget) pair is one `offcomp compress` run (validation-selected where the method
 trains, on wiki.valid.raw, never the test split) followed by one `offcomp eval-ppl` on the first
-`--eval-tokens` test tokens. Rows are written to OUT/results.jsonl as they finish (a re-run skips
-the rows already there) and the whole table to OUT/table.md.
+`--eval-tokens` test tokens. Rows are written to OUT/bench.jsonl as they finish (a re-run skips
+the rows already there) and the whole table to OUT/table.md; OUT/report.md is `offcomp report OUT
+--format md` over the runs' own records (each compressed directory's results.jsonl).
 
 Presets (`--suite`):
   paper       issue 3: one module type jointly across all layers (the paper's regime), cr 3/10/25,
               svd / ae / kronecker / tucker / prune, 32 x 1024 test tokens.
   data-aware  issue 4: every decoder linear, separately, ratio 0.9-0.6, data-free vs data-aware,
               64 x 1024 calibration tokens from wiki.valid.raw, 64 x 1024 test tokens.
+  pruning     issue 14: every decoder linear, separately, 50 % unstructured and 2:4; magnitude vs
+              Wanda (per-row comparison, as in its paper) vs SparseGPT, Wanda and SparseGPT on the
+              same 64 x 1024 calibration windows of wiki.valid.raw (one capture), 64 x 1024 test tokens.
 
 Calibration statistics (captured once from wiki.valid.raw and cached) go only to the methods that
 use them. A method is `name` or `name:key=value,key=value` (its options), e.g. `ae:scale=fit`; `+alloc` at
 the end spreads the ratio over groups by measured sensitivity (`allocate`), e.g. `svd-llm+alloc`;
 `+modular` then trains each compressed block towards the dense one (offcomp.modular), with options,
-e.g. `svd-llm+alloc+modular:mode=sequential,lr=1e-4`.
+e.g. `svd-llm+alloc+modular:mode=sequential,lr=1e-4`. Option values are read as JSON where they
+parse (numbers, true/false), else as text (`pattern=2:4` stays the string "2:4").
 
     .venv/bin/python bench/quality.py --suite paper --out runs/bench/quality-paper
     .venv/bin/python bench/quality.py --suite data-aware --out runs/bench/quality-data-aware
+    .venv/bin/python bench/quality.py --suite pruning --out runs/bench/quality-pruning
 """
 
 from __future__ import annotations
@@ -30,13 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from offcomp.models import load_model
 from offcomp.pipeline import compress_model, evaluate_ppl, quick_plan
 from offcomp.records import dumps
 from offcomp.registry import get_method
-from offcomp.report import fmt_cell
+from offcomp.report import collect, fmt_cell, render
 
 WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw"
 SUITES: dict[str, dict[str, Any]] = {
@@ -47,14 +51,25 @@ SUITES: dict[str, dict[str, Any]] = {
                    "methods": ["svd", "fwsvd", "asvd", "svd-llm", "ae:loss_space=whitened,arch=linear,scale=fit",
                                "svd-llm+alloc", "svd-llm+alloc+modular"], "eval_tokens": 65536,
                    "calib": 64, "validate": False},
+    "pruning": {"modules": None, "joint": False, "budget": "ratio", "values": [0.5],
+                "methods": ["prune", "prune:score=wanda,compare=row", "sparsegpt",
+                            "prune:pattern=2:4", "prune:score=wanda,pattern=2:4", "sparsegpt:pattern=2:4"],
+                "eval_tokens": 65536, "calib": 64, "validate": False},
 }
 KEPT = re.compile(r"kept epoch (\d+) \(validation ([0-9.eE+-]+)\)")  # ae_train's selection log line
 COLUMNS = ["method", "budget", "modules", "group_params", "stored_params", "achieved_cr", "params_after",
-           "valid_ppl", "test_ppl", "compress_s", "eval_s"]
+           "valid_ppl", "test_ppl", "compress_s", "eval_s", "weights_bytes"]
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _options(text: str) -> dict[str, Any]:
-    return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in text.split(",") if kv)}
+    return {k: _value(v) for k, v in (kv.split("=", 1) for kv in text.split(",") if kv)}
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
@@ -93,6 +108,8 @@ def run_one(args: argparse.Namespace, cfg: dict[str, Any], spec: str, value: flo
     rep = man["report"]
     stored, orig = rep["compressed_stored_params"], rep["compressed_original_params"]
     kept = [m for line in man.get("fit_log", []) for m in KEPT.findall(line)]
+    hypers = [u.get("hyper", {}) for u in rep["units"]]
+    index_bytes = sum(h.get("index_bytes", 0) for h in hypers) if all("index_bytes" in h for h in hypers) else None
     return {
         "method": spec, "budget": f"{cfg['budget']} {value}", "modules": ",".join(cfg["modules"] or ["all"])
         + (" joint" if cfg["joint"] else ""), "group_params": orig, "stored_params": stored,
@@ -100,7 +117,8 @@ def run_one(args: argparse.Namespace, cfg: dict[str, Any], spec: str, value: flo
         "valid_ppl": float(kept[-1][1]) if kept else None,
         "kept_epoch": int(kept[-1][0]) if kept else None, "test_ppl": rec["ppl"],
         "compress_s": round(rep["seconds"], 1),
-        "eval_s": round(rec["seconds"], 1), "dir": str(out), "protocol": {
+        "eval_s": round(rec["seconds"], 1), "weights_bytes": rec.get("weights_bytes"),
+        "sparse_index_bytes": index_bytes, "dir": str(out), "protocol": {
             "model": rec["model"], "data": rec.get("data"), "seq_len": rec.get("seq_len"),
             "n_tokens": rec.get("n_tokens"), "dtype": args.dtype, "seed": args.seed,
             "params_before": rep["params_before"], "calibration": man.get("calibration"),
@@ -113,7 +131,8 @@ def dense_row(args: argparse.Namespace, cfg: dict[str, Any]) -> dict:
                        seed=args.seed, results=Path(args.out) / "dense" / "results.jsonl")
     return {"method": "dense", "budget": "-", "modules": "-", "group_params": None, "stored_params": None,
             "achieved_cr": None, "params_after": rec["params_after"], "valid_ppl": None, "test_ppl": rec["ppl"],
-            "compress_s": None, "eval_s": round(rec["seconds"], 1), "dir": None,
+            "compress_s": None, "eval_s": round(rec["seconds"], 1), "weights_bytes": rec.get("weights_bytes"),
+            "dir": None,
             "protocol": {"model": rec["model"], "data": rec.get("data"), "seq_len": rec.get("seq_len"),
                          "n_tokens": rec.get("n_tokens"), "dtype": args.dtype, "seed": args.seed}}
 
@@ -150,7 +169,10 @@ def main() -> None:
     args.out = args.out or f"runs/bench/quality-{args.suite}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    done_path = out / "results.jsonl"
+    # bench.jsonl, not results.jsonl: `offcomp report OUT` reads every results.jsonl as run records
+    done_path, legacy = out / "bench.jsonl", out / "results.jsonl"
+    if legacy.exists() and not done_path.exists():
+        legacy.rename(done_path)
     rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     done = {(r["method"], r["budget"]) for r in rows}
     model_type = load_model(args.model).model.config.model_type
@@ -168,6 +190,7 @@ def main() -> None:
         print(f"{spec:>18} {key[1]:>10}  test PPL {row['test_ppl']:.4g}  ({row['wall_s']} s)", flush=True)
     md = table(rows)
     (out / "table.md").write_text(md + "\n")
+    (out / "report.md").write_text(render(collect(out), "md") + "\n")
     print(md)
 
 

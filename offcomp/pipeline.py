@@ -224,6 +224,9 @@ def model_record(bundle: ModelBundle) -> dict[str, Any]:
         rec["compress_seconds"] = rep["seconds"]
     else:
         rec["params_before"] = rec["params_after"] = count_params(bundle.model)
+    # what the model's weights take on disk (its *.safetensors files); None for a remote hub id
+    src = Path(bundle.source)
+    rec["weights_bytes"] = sum(f.stat().st_size for f in src.glob("*.safetensors")) or None if src.is_dir() else None
     return rec
 
 

@@ -12,7 +12,7 @@ from .errors import OffcompError
 from .records import dumps
 
 COLUMNS = ["model", "plan", "methods", "params_before", "params_after", "ratio", "task", "metric", "value",
-           "data", "seconds", "path"]
+           "data", "seconds", "compress_s", "weights_bytes", "path"]
 
 
 def _metric(rec: dict[str, Any]) -> tuple[str, str, Any]:
@@ -56,7 +56,9 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
                 "ratio": round(after / before, 4) if before and after else None,
                 "task": task, "metric": metric, "value": value,
                 "data": f"{data.get('name', '-')}:{data.get('split', '-')}" if isinstance(data, dict) else str(data),
-                "seconds": round(rec.get("seconds", 0.0), 1), "path": str(f.parent),
+                "seconds": round(rec.get("seconds", 0.0), 1),
+                "compress_s": None if rec.get("compress_seconds") is None else round(rec["compress_seconds"], 1),
+                "weights_bytes": rec.get("weights_bytes"), "path": str(f.parent),
             })
         evaluated.add(f.parent)
     for m in sorted(root.rglob("offcomp.json")):
@@ -69,7 +71,9 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
             "methods": ",".join(sorted({u["method"] for u in rep.get("units", [])})),
             "params_before": rep.get("params_before"), "params_after": rep.get("params_after"),
             "ratio": round(rep.get("ratio", 0), 4), "task": "-", "metric": "-", "value": None, "data": "-",
-            "seconds": round(rep.get("seconds", 0.0), 1), "path": str(m.parent),
+            "seconds": round(rep.get("seconds", 0.0), 1), "compress_s": round(rep.get("seconds", 0.0), 1),
+            "weights_bytes": sum(f.stat().st_size for f in m.parent.glob("*.safetensors")) or None,
+            "path": str(m.parent),
         })
     return rows
 

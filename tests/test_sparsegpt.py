@@ -200,3 +200,12 @@ def test_compress_with_calibration_then_save_and_load(tmp_path, bert_tokenizer, 
     ids = torch.randint(0, 100, (2, 10))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+    # the evaluation record and `offcomp report` carry the compression time and the bytes on disk
+    ev = CliRunner().invoke(app, ["eval-ppl", str(outs["nm"]), "--data", str(text), "--split", "validation",
+                                  "--seq-len", "32", "--max-tokens", "64", "--json"])
+    assert ev.exit_code == 0, ev.output
+    rep = CliRunner().invoke(app, ["report", str(outs["nm"]), "--format", "json"])
+    (row,) = json.loads(rep.stdout)
+    assert row["weights_bytes"] == (outs["nm"] / "model.safetensors").stat().st_size > 0
+    man = json.loads((outs["nm"] / "offcomp.json").read_text())
+    assert row["compress_s"] == round(man["report"]["seconds"], 1) and row["metric"] == "ppl"
