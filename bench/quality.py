@@ -42,7 +42,7 @@ from offcomp.records import dumps
 from offcomp.registry import get_method
 from offcomp.report import collect, fmt_cell, render
 
-WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw"
+WIKI = (Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw").resolve()
 SUITES: dict[str, dict[str, Any]] = {
     "paper": {"modules": ["attn.q"], "joint": True, "budget": "cr", "values": [3, 10, 25],
               "methods": ["svd", "ae", "ae:scale=fit", "kronecker", "tucker", "prune", "prune:score=wanda,compare=row"],
