@@ -149,11 +149,11 @@ def block_roles(model: nn.Module, spec: str) -> dict[int, dict[str, str]]:
         raise OffcompError(f"--blocks: {e}") from None
     structure = discover(model)
     n_layers = structure.n_layers
+    if wanted is not None and wanted.last >= n_layers:
+        raise OffcompError(f"--blocks {spec!r}: the model has layers 0-{n_layers - 1}")
     layers = sorted(range(n_layers) if wanted is None else wanted)
     out: dict[int, dict[str, str]] = {}
     for i in layers:
-        if i >= n_layers:
-            raise OffcompError(f"--blocks {spec!r}: the model has layers 0-{n_layers - 1}")
         by_path = {m.role: m.name for m in structure.modules if m.layer == i and m.role}
         roles: dict[str, str] = {}
         for (role, _, _), (_, _, alts) in zip(BLOCK_HOOKS, _BLOCK_SLOTS):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,17 @@ class Group(BaseModel):
         ranks = v if isinstance(v, list) else [v] if v is not None else []
         if any(r <= 0 for r in ranks):
             raise ValueError("rank must be positive")
+        return v
+
+    @field_validator("modules", "exclude")
+    @classmethod
+    def _check_patterns(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if entry.startswith("re:"):
+                try:
+                    re.compile(entry[3:])
+                except (re.error, RecursionError, OverflowError) as e:
+                    raise ValueError(f"bad regular expression {entry[:60]!r}: {e}") from None
         return v
 
     @field_validator("layers")
@@ -159,47 +171,123 @@ class ExpandedGroup:
     kinds: list[str]
 
 
-def parse_layers(spec: str | list[int]) -> set[int] | None:
-    """`"all"` → None (no filter); `"0-3,8"` → {0, 1, 2, 3, 8}; a list → that set."""
+@dataclass(frozen=True)
+class LayerSet:
+    """Layer indices as sorted inclusive ranges: `"0-1000000000"` is one range, never 10⁹ integers.
+    Check `last` against the model's layer count before iterating."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def __contains__(self, i: object) -> bool:
+        return isinstance(i, int) and any(lo <= i <= hi for lo, hi in self.ranges)
+
+    def __iter__(self) -> Iterator[int]:
+        seen: set[int] = set()
+        for lo, hi in self.ranges:
+            for i in range(lo, hi + 1):
+                if i not in seen:
+                    seen.add(i)
+                    yield i
+
+    @property
+    def last(self) -> int:
+        return max(hi for _, hi in self.ranges)
+
+
+def parse_layers(spec: str | list[int]) -> LayerSet | None:
+    """`"all"` → None (no filter); `"0-3,8"` → ranges (0, 3), (8, 8); a list → those indices."""
     if isinstance(spec, list):
+        if not spec:
+            raise ValueError('empty layer list: give at least one index, or "all"')
         if any(i < 0 for i in spec):
             raise ValueError("layer indices must be >= 0")
-        return set(spec)
+        return LayerSet(tuple((i, i) for i in sorted(set(spec))))
     s = spec.strip().lower()
     if s == "all":
         return None
-    out: set[int] = set()
+    ranges: list[tuple[int, int]] = []
     for part in s.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        m = re.fullmatch(r"\s*(\d{1,18})\s*(?:-\s*(\d{1,18})\s*)?", part)
         if not m:
-            raise ValueError(f'bad layer range {spec!r}: use "all", "0-11", "0-3,8" or a list')
+            raise ValueError(f'bad layer range {spec[:40]!r}: use "all", "0-11", "0-3,8" or a list')
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ValueError(f"bad layer range {part.strip()!r}: end before start")
-        out.update(range(lo, hi + 1))
-    return out
+        ranges.append((lo, hi))
+    return LayerSet(tuple(sorted(ranges)))
+
+
+MAX_PLAN_BYTES = 1 << 20  # a plan is a few groups; anything larger is not a plan
+MAX_PLAN_NESTING = 64  # a plan needs about 5 levels
 
 
 def load_plan(path: str | Path) -> Plan:
+    """Read a YAML/JSON plan; every way the file can be unreadable is one OffcompError line."""
     p = Path(path)
     if not p.is_file():
         raise OffcompError(f"plan file not found: {p} (see sample_plans/ for examples)")
     try:
-        raw = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+        blob = p.read_bytes()
+    except OSError as e:
+        raise OffcompError(f"cannot read plan {p}: {e.strerror or e}") from None
+    if len(blob) > MAX_PLAN_BYTES:
+        raise OffcompError(f"plan {p} is {len(blob):,} bytes; a plan is a short YAML/JSON file (< 1 MiB)")
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OffcompError(f"plan {p} is not UTF-8 text (byte {e.start}); give a YAML or JSON file") from None
+    if "\x00" in text:
+        raise OffcompError(f"plan {p} is a binary file; give a YAML or JSON file")
+    if _nesting(text) > MAX_PLAN_NESTING:
+        raise OffcompError(f"cannot parse plan {p}: nested more than {MAX_PLAN_NESTING} levels deep")
+    try:
+        raw = json.loads(text) if p.suffix == ".json" else _yaml_without_aliases(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise OffcompError(f"cannot parse plan {p}: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise OffcompError(f"cannot parse plan {p}: nested too deeply") from None
     return parse_plan(raw, source=str(p))
+
+
+def _nesting(text: str) -> int:
+    """Rough nesting depth, in linear time: brackets outside quotes, and indentation / 2. The YAML
+    scanner is quadratic in bracket depth (20,000 `[` take a minute), so depth is checked first."""
+    depth = deepest = 0
+    quote = ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    indent = max((len(ln) - len(ln.lstrip(" \t")) for ln in text.splitlines()), default=0)
+    return max(deepest, indent // 2)
+
+
+def _yaml_without_aliases(text: str) -> Any:
+    """yaml.safe_load, refusing anchors/aliases: a plan never needs them, and nested aliases can
+    expand a few lines into billions of nodes ("billion laughs")."""
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, yaml.AliasToken | yaml.AnchorToken):
+            raise yaml.YAMLError("YAML anchors and aliases (&name, *name) are not allowed in a plan")
+    return yaml.safe_load(text)
 
 
 def parse_plan(raw: Any, source: str = "plan") -> Plan:
     try:
         return Plan.model_validate(raw)
+    except RecursionError:
+        raise OffcompError(f"invalid plan {source}: nested too deeply") from None
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         msg = err['msg'].removeprefix('Value error, ')
-        raise OffcompError(f"invalid plan {source}: {loc}: {msg}{more}") from None
+        raise OffcompError(f"invalid plan {source}: {loc[:80]}: {msg}{more}") from None
 
 
 def _matches(entry: str, info: ModuleInfo, roles: dict[str, str]) -> bool:
@@ -218,7 +306,7 @@ def expand_plan(plan: Plan, modules: list[ModuleInfo], roles: dict[str, str]) ->
     for i, g in enumerate(plan.groups):
         label = g.name or f"group{i}"
         wanted = parse_layers(g.layers)
-        if wanted is not None and max(wanted) >= n_layers:
+        if wanted is not None and wanted.last >= n_layers:
             raise OffcompError(
                 f"group {label!r}: layers {g.layers!r} go beyond the model's {n_layers} layers (0-{n_layers - 1})"
             )
