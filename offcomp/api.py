@@ -53,6 +53,10 @@ class CompressReport:
     params_after: int = 0
     seconds: float = 0.0
     untied_embeddings: bool = False
+    # Elements of the original weights the plan replaces, each tensor once (a tied embedding and
+    # LM head compressed together are one tensor), and of the tied copies it had to keep.
+    compressed_original_params: int = 0
+    untied_copy_params: int = 0
 
     @property
     def ratio(self) -> float:
@@ -62,7 +66,6 @@ class CompressReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ratio"] = self.ratio
-        d["compressed_original_params"] = sum(u.original_params for u in self.units)
         d["compressed_stored_params"] = sum(u.stored_params for u in self.units)
         return d
 
@@ -110,7 +113,87 @@ def plan_units(
                 )
             hyper = method.solve(unit, cfg)
             planned.append(PlannedUnit(unit, method, cfg, hyper, method.stored_params(unit, cfg, hyper)))
+    check_savings(model, planned)
     return planned
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """What a plan does to the stored parameter count, each tensor counted once."""
+
+    removed: int  # elements of the distinct original weights the plan replaces
+    stored: int  # elements the methods store instead
+    copied: int  # elements of tied copies kept for modules outside the plan (e.g. the LM head)
+    ties: tuple[tuple[str, ...], ...]  # groups of module names sharing one weight, touched by the plan
+
+    @property
+    def saved(self) -> int:
+        return self.removed - self.stored - self.copied
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(weight) → names of the Linear/Embedding modules that hold it (several when tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter) and isinstance(mod, nn.Linear | nn.Embedding):
+            owners.setdefault(id(w), []).append(name)
+    return owners
+
+
+def _shares(model: nn.Module) -> dict[int, int]:
+    shares: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shares[id(p)] = shares.get(id(p), 0) + 1
+    return shares
+
+
+def _untie_list(model: nn.Module, names: set[str]) -> list[tuple[str, bool]]:
+    """Modules outside `names` whose weight is tied to one inside (they keep their own copy), with
+    whether their bias is shared too (BERT's MLM decoder shares it with `cls.predictions.bias`)."""
+    shares = _shares(model)
+    out = []
+    for tied in _weight_owners(model).values():
+        if len(tied) > 1 and any(n in names for n in tied):
+            for n in tied:
+                if n not in names:
+                    bias = getattr(model.get_submodule(n), "bias", None)
+                    out.append((n, isinstance(bias, nn.Parameter) and shares.get(id(bias), 0) > 1))
+    return out
+
+
+def accounting(model: nn.Module, planned: list[PlannedUnit]) -> Accounting:
+    names = {n for p in planned for n in p.unit.names}
+    unique: dict[int, int] = {}
+    for n in names:
+        w = model.get_submodule(n).weight
+        unique[id(w)] = w.numel()
+    copied = 0
+    for n, with_bias in _untie_list(model, names):
+        mod = model.get_submodule(n)
+        copied += mod.weight.numel() + (mod.bias.numel() if with_bias else 0)
+    # a replacement layer owns its bias: one shared with another parameter (BERT's MLM decoder bias
+    # is also `cls.predictions.bias`) is stored twice from then on
+    shares = _shares(model)
+    for n in names:
+        bias = getattr(model.get_submodule(n), "bias", None)
+        if isinstance(bias, nn.Parameter) and shares.get(id(bias), 0) > 1:
+            copied += bias.numel()
+    ties = tuple(tuple(t) for t in _weight_owners(model).values() if len(t) > 1 and any(n in names for n in t))
+    return Accounting(sum(unique.values()), sum(p.stored_params for p in planned), copied, ties)
+
+
+def check_savings(model: nn.Module, planned: list[PlannedUnit]) -> None:
+    """Refuse a plan that would not reduce the stored parameter count: tied tensors count once, and
+    compressing one owner of a tied weight keeps a full copy for the others."""
+    acc = accounting(model, planned)
+    if acc.saved > 0:
+        return
+    tie = f"; tied weights ({'; '.join(' = '.join(t) for t in acc.ties)}) count once" if acc.ties else ""
+    copy = f", plus {acc.copied:,} kept as the tied copy of modules outside the plan" if acc.copied else ""
+    raise OffcompError(
+        f"the plan saves nothing: it replaces {acc.removed:,} stored parameters by {acc.stored:,}{copy}{tie}; "
+        "lower the budgets, or compress every module that shares a tied weight together")
 
 
 def _head_dim(model: nn.Module) -> int | None:
@@ -139,28 +222,15 @@ def _check_joint_shapes(label: str, method: Method, names: list[str], shapes: li
 def _untie_if_needed(model: nn.Module, names: set[str]) -> int:
     """A compressed weight must not stay tied to another module (e.g. the LM head to the input
     embedding): give the other module its own copy and stop the config from re-tying on load."""
-    owners: dict[int, list[str]] = {}
-    for name, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if isinstance(w, nn.Parameter) and isinstance(mod, nn.Linear | nn.Embedding):
-            owners.setdefault(id(w), []).append(name)
-    shares: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        shares[id(p)] = shares.get(id(p), 0) + 1
     copied = 0
-    for tied in owners.values():
-        if len(tied) > 1 and any(n in names for n in tied):
-            for n in tied:
-                if n not in names:
-                    mod = model.get_submodule(n)
-                    mod.weight = nn.Parameter(mod.weight.detach().clone())
-                    copied += mod.weight.numel()
-                    # BERT's MLM decoder also shares its bias with `cls.predictions.bias`; an untied
-                    # skeleton does not re-share it on load, so the head gets its own bias too.
-                    bias = getattr(mod, "bias", None)
-                    if isinstance(bias, nn.Parameter) and shares.get(id(bias), 0) > 1:
-                        mod.bias = nn.Parameter(bias.detach().clone())
-                        copied += bias.numel()
+    for n, with_bias in _untie_list(model, names):
+        mod = model.get_submodule(n)
+        mod.weight = nn.Parameter(mod.weight.detach().clone())
+        copied += mod.weight.numel()
+        # an untied skeleton does not re-share a shared bias on load, so the head gets its own too
+        if with_bias:
+            mod.bias = nn.Parameter(mod.bias.detach().clone())
+            copied += mod.bias.numel()
     if copied:
         cfg = getattr(model, "config", None)
         if cfg is not None:
@@ -168,6 +238,34 @@ def _untie_if_needed(model: nn.Module, names: set[str]) -> int:
             if hasattr(cfg, "get_text_config"):
                 cfg.get_text_config().tie_word_embeddings = False
     return copied
+
+
+def _non_finite(t: torch.Tensor) -> int:
+    return 0 if not t.is_floating_point() else int((~torch.isfinite(t)).sum())
+
+
+@torch.no_grad()
+def check_inputs_finite(unit: FitUnit, weights: list[torch.Tensor],
+                        stats: dict[str, dict[str, torch.Tensor]] | None) -> None:
+    """A NaN/Inf weight or statistic would crash LAPACK or give a non-finite checkpoint: stop first,
+    naming the group and module (one check here for every method)."""
+    for name, w in zip(unit.names, weights):
+        if bad := _non_finite(w):
+            raise OffcompError(f"group {unit.label!r}: the weight of {name} has {bad:,} non-finite values "
+                               "(NaN/Inf); the base checkpoint is damaged, nothing was written")
+        for key, t in ((stats or {}).get(name) or {}).items():
+            if isinstance(t, torch.Tensor) and (bad := _non_finite(t)):
+                raise OffcompError(f"group {unit.label!r}: calibration statistic {key!r} of {name} has {bad:,} "
+                                   "non-finite values; recapture (offcomp capture --force), nothing was written")
+
+
+@torch.no_grad()
+def check_fitted_finite(unit: FitUnit, method: str, layers: list[nn.Module]) -> None:
+    for name, layer in zip(unit.names, layers):
+        for pname, t in [*layer.named_parameters(), *layer.named_buffers()]:
+            if bad := _non_finite(t):
+                raise OffcompError(f"group {unit.label!r}: {method!r} fitted {bad:,} non-finite values in "
+                                   f"{pname} of {name} (ill-conditioned data or budget); nothing was written")
 
 
 @torch.no_grad()
@@ -195,15 +293,18 @@ def compress_(
     t0 = time.perf_counter()
     planned = plan_units(model, plan, stats)
     progress = progress or no_progress
-    report = CompressReport(params_before=count_params(model))
+    acc = accounting(model, planned)
+    report = CompressReport(params_before=count_params(model), compressed_original_params=acc.removed)
     # The untied copy is stored too, so it counts against the savings.
     copied = _untie_if_needed(model, {n for p in planned for n in p.unit.names})
     report.untied_embeddings = copied > 0
+    report.untied_copy_params = acc.copied
     dev = torch.device(device) if device else next(model.parameters()).device
     for i, p in enumerate(planned):
         progress(f"fitting {p.unit.label} ({p.method.name})", i, len(planned))
         originals = [linear_view(model.get_submodule(n)) for n in p.unit.names]
         weights = [o.weight.detach().clone() for o in originals]
+        check_inputs_finite(p.unit, weights, stats)
         ctx = FitContext(device=dev, seed=seed + i, progress=progress, stats=stats, validate=validate)
         if log:
             ctx.log = log
@@ -211,6 +312,7 @@ def compress_(
         t = time.perf_counter()
         layers = p.method.fit(p.unit, p.cfg, p.hyper, originals, ctx)
         seconds = time.perf_counter() - t
+        check_fitted_finite(p.unit, p.method.name, layers)
         for name, layer in zip(p.unit.names, layers):
             install(model, name, layer)
         report.units.append(
@@ -222,7 +324,7 @@ def compress_(
             )
         )
     progress("fitting done", len(planned), len(planned))
-    saved = sum(u.original_params - u.stored_params for u in report.units)
-    report.params_after = report.params_before - saved + copied
+    # each original tensor once (tied weights are one tensor), whatever number of units replaced it
+    report.params_after = report.params_before - acc.removed + acc.stored + acc.copied
     report.seconds = time.perf_counter() - t0
     return report

@@ -34,12 +34,12 @@ def tiny_llama(vocab_size: int = 128, layers: int = 2, tie: bool = True, seed: i
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_bert(vocab_size: int = 128, layers: int = 2, seed: int = 0, head: str = "masked-lm"):
+def tiny_bert(vocab_size: int = 128, layers: int = 2, seed: int = 0, head: str = "masked-lm", tie: bool = True):
     from transformers import BertConfig, BertForMaskedLM, BertModel
 
     torch.manual_seed(seed)
     cfg = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                     vocab_size=vocab_size, max_position_embeddings=128)
+                     vocab_size=vocab_size, max_position_embeddings=128, tie_word_embeddings=tie)
     return (BertForMaskedLM if head == "masked-lm" else BertModel)(cfg).eval()
 
 

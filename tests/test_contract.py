@@ -30,14 +30,16 @@ from .conftest import (
 # method -> overrides of the default case (modules, options, joint support, exact tensor count).
 CASES: dict[str, dict] = {
     # token embeddings only (the orientation-loss embedding AE)
-    "ae-embed": {"modules": ["embed"]},
+    # (untied models: compressing a tied embedding alone keeps the head's full copy and saves nothing)
+    "ae-embed": {"modules": ["embed"], "tie": False},
     # removes neurons from a whole gate/up/down chain; its layers narrow the activation in between,
     # so a single layer's forward is not x·Ŵᵀ (tests/test_prune.py checks the block against the masked dense model)
     # heads tensorised by the model's head_dim (taken from the config by plan_units)
     "tucker": {"modules": ["attn.q", "attn.k", "attn.v"]},
     "prune-structured": {"modules": ["mlp.gate", "mlp.up", "mlp.down"], "joint_only": True, "layer_forward": False},
 }
-DEFAULT = {"modules": ["mlp.up"], "options": {}, "count_tensors": True, "joint_only": False, "layer_forward": True}
+DEFAULT = {"modules": ["mlp.up"], "options": {}, "count_tensors": True, "joint_only": False, "layer_forward": True,
+           "tie": True}
 
 METHODS = [m for m in available_methods() if not get_method(m).needs_stats]
 MODELS = {"llama": tiny_llama, "bert": tiny_bert}
@@ -73,7 +75,7 @@ def stored_tensor_count(model, names) -> int:
 def test_method_contract(method, joint, arch, tmp_path):
     if not joint and case(method)["joint_only"]:
         pytest.skip(f"{method} needs joint groups")
-    model = MODELS[arch]()
+    model = MODELS[arch](tie=case(method)["tie"])
     ids = torch.randint(0, 128, (2, 12))
     report = offcomp.compress_(model, make_plan(method, joint, cr=2.0), seed=0)
     names = [n for u in report.units for n in u.names]
@@ -112,7 +114,7 @@ def test_method_contract(method, joint, arch, tmp_path):
 def test_error_falls_with_budget(method):
     errors = []
     for cr in (6.0, 3.0, 1.5):
-        model = tiny_llama()
+        model = tiny_llama(tie=case(method)["tie"])
         report = offcomp.compress_(model, make_plan(method, case(method)["joint_only"], cr=cr), seed=0)
         errors.append(sum(u.rel_error for u in report.units))
     assert errors[0] > errors[1] > errors[2]

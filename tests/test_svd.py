@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import offcomp
+from offcomp.errors import OffcompError
 from offcomp.layers import LowRankLinear
 from offcomp.plan import Budget
 from offcomp.registry import FitContext, FitUnit, get_method
@@ -82,9 +83,15 @@ def test_lowrank_linear_is_thin_and_matches_dense():
 
 def test_embedding_svd_and_untying(llama):
     ids = torch.randint(0, 128, (2, 9))
-    report = offcomp.compress_(llama, offcomp.parse_plan({"groups": [{"modules": ["embed"], "rank": 8}]}))
+    # the untied head keeps a full copy, so the embedding alone saves nothing: refused at plan time
+    with pytest.raises(OffcompError, match="saves nothing"):
+        offcomp.compress_(llama, offcomp.parse_plan({"groups": [{"modules": ["embed"], "rank": 8}]}))
+    plan = offcomp.parse_plan({"groups": [{"modules": ["embed"], "rank": 8},
+                                          {"modules": ["mlp.up", "mlp.gate"], "rank": 4}]})
+    report = offcomp.compress_(llama, plan)
     assert report.untied_embeddings and llama.config.tie_word_embeddings is False
     assert isinstance(llama.lm_head.weight, nn.Parameter) and llama.lm_head.weight.shape == (128, 64)
     # the untied output head keeps a full copy, which is counted as stored
-    assert report.params_after == report.params_before - 128 * 64 + 8 * (128 + 64) + 128 * 64
+    mlp = 4 * 128 * 64
+    assert report.params_after == report.params_before - 128 * 64 - mlp + 8 * (128 + 64) + 4 * 4 * 192 + 128 * 64
     llama(ids)
