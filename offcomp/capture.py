@@ -39,6 +39,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .capture_hooks import (  # noqa: F401  (re-exported: the capture API in one place)
@@ -53,6 +55,7 @@ from .capture_hooks import (  # noqa: F401  (re-exported: the capture API in one
     mask_for_mlm,
 )
 from .errors import OffcompError
+from .integrity import hash_files, read_json, seal, verify_document, verify_files
 from .progress import ProgressFn, no_progress
 from .records import dumps
 
@@ -64,6 +67,23 @@ SEP = "::"
 # Which capture part provides each statistic a method can ask for (Method.needs_stats).
 PART_OF_KEY = {"xtx": "gram", "act_sq": "gram", "abs_mean": "gram", "fisher_row": "fisher", "fisher": "fisher_full"}
 _BLOCK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+RECAPTURE = "re-run `offcomp capture` (with --force) to re-create it"
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(strict=True)
+    input: str
+
+
+class _Meta(BaseModel):
+    """The fields of capture.json that loading uses (others are kept, not checked)."""
+
+    model_config = ConfigDict(strict=True)
+    format: str
+    format_version: int
+    key: str
+    key_material: dict[str, Any]
+    modules: dict[str, _Input]
 
 
 @dataclass(frozen=True)
@@ -236,19 +256,25 @@ def run_capture(
     trust_remote_code: bool = False,
     extra_modules: list[str] | None = None,
     progress: ProgressFn | None = None,
+    verify: bool = True,
 ) -> CaptureResult:
     """Capture statistics for `model` (a name/dir, or an already loaded `ModelBundle`) on `data`, or
-    reuse the directory of an identical earlier capture. Returns where it is and its capture.json."""
+    reuse the directory of an identical earlier capture whose files still match their recorded
+    hashes (a damaged or edited one is recomputed). Returns where it is and its capture.json."""
     from .checkpoint import atomic_dir, versions
     from .data import causal_text
     from .models import ModelBundle, load_model
+    from .paths import check_output
     from .swap import oriented_weight
 
     spec.check()
+    if root is not None:
+        check_output(root, kind="dir", option="--out", sources=(None if isinstance(model, ModelBundle) else model,))
     refuse_test_split(data, split)
     progress = progress or no_progress
     source = load_calibration_text(data, split)
-    bundle = model if isinstance(model, ModelBundle) else load_model(model, trust_remote_code=trust_remote_code)
+    bundle = model if isinstance(model, ModelBundle) else load_model(
+        model, trust_remote_code=trust_remote_code, verify=verify)
     dev = torch.device(device)
     kind = bundle.kind if bundle.kind in ("causal", "masked") else "encoder"
     if kind == "encoder" and (spec.fisher or spec.fisher_full):
@@ -267,11 +293,9 @@ def run_capture(
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(bundle.name)).name)[:40]
     out = Path(root) if root is not None else default_root()
     out = out / f"{slug}-{key[:16]}"
-    if not force and (out / META).is_file():
-        meta = json.loads((out / META).read_text())
-        if meta.get("key") == key:
-            return CaptureResult(out, meta, True)
-    if not force and (found := find_superset(out.parent, material)) is not None:
+    if not force and (meta := trusted_meta(out, verify)) is not None and meta["key"] == key:
+        return CaptureResult(out, meta, True)
+    if not force and (found := find_superset(out.parent, material, verify)) is not None:
         return found
     batches = calibration_batches(bundle.tokenizer, causal_text(source), spec, kind)
 
@@ -304,22 +328,57 @@ def run_capture(
             "seconds": time.perf_counter() - t0, "device": str(dev),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions(),
         }
-        (tmp / META).write_text(dumps(meta, indent=2))
+        (tmp / META).write_text(dumps(seal({**meta, "files": hash_files(tmp, skip={META})}), indent=2))
 
     atomic_dir(out, write, overwrite=True)
     return CaptureResult(out, json.loads((out / META).read_text()), False)
 
 
-def find_superset(root: Path, material: dict[str, Any]) -> CaptureResult | None:
-    """An existing capture of the same model, tokenizer, data and windows that holds at least what
-    is asked for (e.g. Gram + Fisher when only Gram is needed), so nothing is computed twice."""
+def trusted_meta(path: Path, verify: bool = True) -> dict[str, Any] | None:
+    """The capture.json of a cached capture if the capture is intact (valid, with recorded file
+    hashes that match), else None: a damaged or edited cache is recomputed, never reused."""
+    if not (path / META).is_file():
+        return None
+    try:
+        return read_capture_meta(path, verify)
+    except OffcompError:
+        return None
+
+
+def read_capture_meta(path: Path, verify: bool = True) -> dict[str, Any]:
+    """capture.json, checked: its structure, its own hash, and the size (always) and sha256 (when
+    `verify`) of every file it records."""
+    meta = read_json(path / META, "capture.json", RECAPTURE)
+    if meta.get("format") != "offcomp-capture" or not isinstance(meta.get("format_version"), int) \
+            or meta["format_version"] > CAPTURE_FORMAT:
+        raise OffcompError(f"{path}: unknown capture format {meta.get('format')} v{meta.get('format_version')}")
+    try:
+        _Meta.model_validate(meta)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise OffcompError(f"{path / META} is malformed ({'.'.join(map(str, err['loc']))}: {err['msg']}); "
+                           f"{RECAPTURE}") from None
+    if not verify:
+        if "files" in meta:
+            verify_files(path, meta["files"], verify=False, fix=RECAPTURE, manifest=META)
+        return meta
+    if "files" not in meta:
+        raise OffcompError(f"{path / META} records no file hashes (written by an older offcomp); {RECAPTURE}, "
+                           "or pass --no-verify to use it unchecked")
+    verify_document(meta, path / META, RECAPTURE)
+    verify_files(path, meta["files"], verify=True, fix=RECAPTURE, manifest=META)
+    return meta
+
+
+def find_superset(root: Path, material: dict[str, Any], verify: bool = True) -> CaptureResult | None:
+    """An existing, intact capture of the same model, tokenizer, data and windows that holds at least
+    what is asked for (e.g. Gram + Fisher when only Gram is needed), so nothing is computed twice."""
     want = material["what"]
     for meta_file in sorted(root.glob(f"*/{META}")) if root.is_dir() else []:
-        try:
-            meta = json.loads(meta_file.read_text())
-            have = meta["key_material"]
-        except (OSError, ValueError, KeyError):
+        meta = trusted_meta(meta_file.parent, verify)
+        if meta is None:
             continue
+        have = meta["key_material"]
         same = all(have.get(k) == v for k, v in material.items() if k not in ("what", "modules"))
         covers = (set(material["modules"]) <= set(have.get("modules", []))
                   and all(have["what"].get(p) or not want[p] for p in ("gram", "fisher", "fisher_full"))
@@ -330,16 +389,18 @@ def find_superset(root: Path, material: dict[str, Any]) -> CaptureResult | None:
     return None
 
 
-def load_stats(path: str | Path) -> Stats:
+def load_stats(path: str | Path, verify: bool = True) -> Stats:
     """module name → {xtx, act_sq, abs_mean, fisher_row, fisher}: whatever the capture holds. Modules
-    sharing an input get the very same tensor objects (so joint methods can de-duplicate)."""
+    sharing an input get the very same tensor objects (so joint methods can de-duplicate). The files
+    are checked against capture.json first (sizes always, hashes unless `verify=False`)."""
     path = Path(path)
     if not (path / META).is_file() or not (path / STATS).is_file():
         raise OffcompError(f"{path} is not a capture directory (no {META} / {STATS}); run `offcomp capture`")
-    meta = json.loads((path / META).read_text())
-    if meta.get("format") != "offcomp-capture" or meta.get("format_version", 0) > CAPTURE_FORMAT:
-        raise OffcompError(f"{path}: unknown capture format {meta.get('format')} v{meta.get('format_version')}")
-    flat = load_file(str(path / STATS))
+    meta = read_capture_meta(path, verify)
+    try:
+        flat = load_file(str(path / STATS))
+    except (SafetensorError, OSError) as e:
+        raise OffcompError(f"{path / STATS} is not a readable safetensors file ({str(e)[:100]}); {RECAPTURE}") from None
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in flat.items():
         owner, _, stat = k.rpartition(SEP)

@@ -3,11 +3,14 @@
     model.safetensors   every tensor of the compressed model (factors in place of replaced weights;
                         tensors shared inside a joint group are stored once)
     offcomp.json        format version, base model + hash, expanded plan, per-unit method/config/
-                        hyper-parameters/shapes/parameter counts, timings, versions
+                        hyper-parameters/shapes/parameter counts, timings, versions, and the size +
+                        sha256 of every other file (`files`) and of itself (`self_sha256`)
     config.json, tokenizer files
 
 Loading builds the skeleton from the config, rebuilds empty replacement layers through the method
 registry, swaps them in, then loads the tensors. No pickle, no imports taken from strings.
+Every recorded file is checked first (sizes always, hashes unless `verify=False`), and the
+manifest's structure is validated, so a damaged checkpoint is one clear error, never a wrong number.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from .errors import OffcompError
+from .integrity import hash_files, read_json, seal, verify_document, verify_files
 from .plan import Budget
 from .records import dumps
 from .registry import FitUnit, get_method
@@ -33,6 +39,47 @@ from .swap import densify_, install, linear_view
 FORMAT_VERSION = 1
 MANIFEST = "offcomp.json"
 WEIGHTS = "model.safetensors"
+RESULTS = "results.jsonl"  # appended next to the checkpoint by evaluations; not part of it
+# safetensors metadata marking weights that only load through offcomp.json (factors in place of
+# weights): a directory that holds them but lost its manifest is refused, never loaded as dense.
+WEIGHTS_MARK = {"format": "pt", "offcomp_format": str(FORMAT_VERSION)}
+REMAKE = "re-run `offcomp compress` to re-create it"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True)  # JSON types as written: "1" is not a format version
+
+
+class _Budget(_Strict):
+    kind: str
+    value: Any  # a number, or per-mode ranks (tucker)
+
+
+class _Unit(_Strict):
+    """The fields of a manifest unit that loading uses (others are kept, not checked)."""
+
+    label: str
+    method: str
+    names: list[str]
+    shapes: list[list[int]]
+    kinds: list[str]
+    joint: bool
+    budget: _Budget
+    options: dict[str, Any]
+    hyper: dict[str, Any]
+
+
+class _Report(_Strict):
+    units: list[_Unit]
+    params_before: int
+    params_after: int
+
+
+class _Manifest(_Strict):
+    format_version: int
+    head: str = "base"
+    base_prefix: str | None = None
+    report: _Report
 
 
 def versions() -> dict[str, str]:
@@ -44,14 +91,12 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+def prepare_out_dir(out: str | Path, overwrite: bool = False, sources: tuple[str | Path | None, ...] = (),
+                    option: str = "--out") -> Path:
     """Check the destination before any work is done, so a long run never ends in a refusal."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OffcompError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise OffcompError(f"{out} exists and is not a directory")
-    return out
+    from .paths import check_output
+
+    return check_output(out, kind="dir", option=option, sources=sources, exists_ok=overwrite, replaces=overwrite)
 
 
 def atomic_dir(out: Path, write: Any, overwrite: bool = False) -> Path:
@@ -89,19 +134,31 @@ def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # save_model drops duplicate names of shared tensors (tied embeddings, a joint group's V).
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / MANIFEST).write_text(dumps(manifest, indent=2))
+        save_model(model, str(tmp / WEIGHTS), metadata=WEIGHTS_MARK)
+        sealed = seal({**manifest, "files": hash_files(tmp, skip={MANIFEST})})
+        (tmp / MANIFEST).write_text(dumps(sealed, indent=2))
 
     return atomic_dir(out, write, overwrite)
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a checkpoint, checked: valid JSON, the fields loading needs with their types,
+    and (when `verify`) its own recorded hash."""
     f = Path(path) / MANIFEST
     if not f.is_file():
         raise OffcompError(f"{path} is not an offcomp checkpoint (no {MANIFEST})")
-    manifest = json.loads(f.read_text())
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise OffcompError(f"{path} was written by a newer offcomp (format {manifest['format_version']}); upgrade")
+    manifest = read_json(f, "offcomp manifest", REMAKE)
+    version = manifest.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise OffcompError(f"{path} was written by a newer offcomp (format {version}); upgrade")
+    try:
+        _Manifest.model_validate(manifest)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise OffcompError(f"{f} is malformed ({where}: {err['msg']}); {REMAKE}") from None
+    if verify:
+        verify_document(manifest, f, REMAKE)
     return manifest
 
 
@@ -128,7 +185,8 @@ def _renamer(src_prefix: str | None, dst_prefix: str | None):
     return rename
 
 
-def rebuild_units(model: nn.Module, units: list[dict[str, Any]], rename: Any = lambda n: n) -> list[str]:
+def rebuild_units(model: nn.Module, units: list[dict[str, Any]], rename: Any = lambda n: n,
+                  where: Path | None = None) -> list[str]:
     """Swap empty replacement layers in for every unit of a manifest; returns skipped unit labels."""
     skipped = []
     for u in units:
@@ -142,29 +200,53 @@ def rebuild_units(model: nn.Module, units: list[dict[str, Any]], rename: Any = l
         cfg = method.parse_config(u["options"], u["label"])
         unit = FitUnit(u["label"], names, [tuple(s) for s in u["shapes"]], u["kinds"], u["joint"],
                        Budget(u["budget"]["kind"], u["budget"]["value"]))
-        for name, layer in zip(names, method.build(unit, cfg, u["hyper"], originals)):
+        try:
+            layers = method.build(unit, cfg, u["hyper"], originals)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # hyper-parameters that do not fit
+            raise OffcompError(f"{where or 'manifest'}: unit {u['label']!r} cannot be rebuilt "
+                               f"({type(e).__name__}: {str(e)[:100]}); {REMAKE}") from None
+        for name, layer in zip(names, layers):
             install(model, name, layer)
     return skipped
 
 
 def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | None = None,
-                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Rebuild the exact compressed model (optionally under another task head)."""
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True):
+    """Rebuild the exact compressed model (optionally under another task head).
+
+    Every file the manifest records is checked first: its size always, its sha256 unless
+    `verify=False` (the weights' hash is the bundle's identity, so it is computed only once)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .models import HEADS, ModelBundle, file_sha256, head_kind
 
     path = Path(path)
-    manifest = read_manifest(path)
-    config = AutoConfig.from_pretrained(path)
-    saved_head = manifest.get("head", "base")
+    manifest = read_manifest(path, verify)
+    files = manifest.get("files")
+    if files is not None and (not isinstance(files, dict) or WEIGHTS not in files):
+        raise OffcompError(f"{path / MANIFEST} is malformed (files: no entry for {WEIGHTS}); {REMAKE}")
+    hashes = verify_files(path, files, verify=verify, fix=REMAKE, manifest=MANIFEST) if files is not None else {}
+    if not (path / WEIGHTS).is_file():
+        raise OffcompError(f"{path / WEIGHTS} is missing; {REMAKE}")
+    recorded = (files or {}).get(WEIGHTS, {}).get("sha256")
+    sha = hashes.get(WEIGHTS) or (recorded if not verify else None) or file_sha256(path / WEIGHTS)
+    saved_head = manifest["head"] if "head" in manifest else "base"
     head = saved_head if head == "auto" else head
+    if head not in HEADS:
+        raise OffcompError(f"{path / MANIFEST}: unknown head {head!r}; {REMAKE}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise OffcompError(f"{path}/config.json cannot be read ({str(e).splitlines()[0][:120]}); {REMAKE}") from None
     if num_labels is not None:
         config.num_labels = num_labels
     model = HEADS[head].from_config(config)
     rename = _renamer(manifest.get("base_prefix"), _prefixed(model))
-    skipped = rebuild_units(model, manifest["report"]["units"], rename)
-    state = {rename(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
+    skipped = rebuild_units(model, manifest["report"]["units"], rename, where=path / MANIFEST)
+    try:
+        state = {rename(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
+    except (SafetensorError, OSError) as e:
+        raise OffcompError(f"{path / WEIGHTS} is not a readable safetensors file ({str(e)[:120]}); {REMAKE}") from None
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatch: the tensors do not fit the manifest's structure
@@ -183,22 +265,32 @@ def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | N
     if base and any(k.startswith(base + ".") for k in missing):
         raise OffcompError(f"{path}: base weights missing for head {head!r} (first: {missing[0]})")
     model.eval().to(device=device, dtype=dtype)
+    tokenizer = _load_tokenizer(path, AutoTokenizer, required=files is None or any(
+        n.startswith("tokenizer") for n in files))
+    manifest["loaded"] = {"head": head, "skipped_units": skipped, "new_keys": missing,
+                          "verified": "sha256" if verify and files is not None else
+                          ("size" if files is not None else "none (manifest records no file hashes)")}
+    return ModelBundle(model, tokenizer, str(path), str(path.resolve()), sha, head_kind(head, config), head, manifest)
+
+
+def _load_tokenizer(path: Path, auto: Any, required: bool) -> Any:
+    """The checkpoint's tokenizer; None only for a checkpoint saved (from Python) without one."""
+    if not required and not (path / "tokenizer_config.json").is_file():
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):  # a checkpoint saved from Python without a tokenizer
-        tokenizer = None
-    manifest["loaded"] = {"head": head, "skipped_units": skipped, "new_keys": missing}
-    return ModelBundle(model, tokenizer, str(path), str(path.resolve()), file_sha256(path / WEIGHTS),
-                       head_kind(head, config), head, manifest)
+        return auto.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception on a damaged tokenizer.json
+        raise OffcompError(f"{path}: the tokenizer cannot be loaded ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:100] if str(e) else ''}); {REMAKE}") from None
 
 
-def export_dense(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_dense(src: str | Path, out: str | Path, overwrite: bool = False, verify: bool = True) -> Path:
     """Write a plain Hugging Face checkpoint with every compressed module multiplied back out."""
     from .models import load_model
 
-    read_manifest(src)
-    out = prepare_out_dir(out, overwrite)
-    bundle = load_model(str(src))
+    out = prepare_out_dir(out, overwrite, sources=(src,), option="export destination")
+    read_manifest(src, verify)
+    bundle = load_model(str(src), verify=verify)
     model = bundle.model
     densify_(model)
 

@@ -115,6 +115,8 @@ def _check_device(value: str) -> str:
 
 Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N", callback=_check_device)]
 Json = Annotated[bool, typer.Option("--json", help="print exactly one JSON object (the result) on stdout")]
+NoVerify = Annotated[bool, typer.Option("--no-verify", help="skip the sha256 check of checkpoint/capture files "
+                                                           "(sizes are still checked)")]
 
 
 def _quiet_libraries() -> None:
@@ -290,6 +292,7 @@ def compress(
     dry_run: Annotated[bool, typer.Option(help="expand and validate the plan, print the table, write nothing")] = False,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    no_verify: NoVerify = False,
     as_json: Json = False,
 ) -> None:
     """Compress a model by a plan (or the quick one-group form) and save a checkpoint."""
@@ -302,7 +305,7 @@ def compress(
     if stats is not None:
         from .capture import load_stats  # arrives with data-aware methods
 
-        stats_data = load_stats(stats)
+        stats_data = load_stats(stats, verify=not no_verify)
     if plan is not None:
         if any(v is not None for v in (rank, ratio, cr, allocate, modular_epochs, modular_mode)) or modules or joint \
                 or option:
@@ -328,7 +331,7 @@ def compress(
         result = compress_model(model, the_plan, out_dir, device=device, seed=seed, stats=stats_data, calib=calib,
                                 valid=valid,
                                 overwrite=overwrite, dry_run=dry_run, trust_remote_code=trust_remote_code,
-                                plan_source=source, progress=progress)
+                                plan_source=source, progress=progress, verify=not no_verify)
     table = Table(title=f"{'dry run: ' if dry_run else ''}{model} → {out_dir or '-'}")
     for col in ("group", "method", "modules", "mode", "hyper", "original", "stored", "max rel. error"):
         table.add_column(col)
@@ -370,6 +373,7 @@ def eval_ppl(
     seed: Annotated[int, typer.Option(help="mask seed for masked LMs")] = 0,
     results: Annotated[Path | None, typer.Option(help="results.jsonl to append to (default: by the model)")] = None,
     trust_remote_code: bool = False,
+    no_verify: NoVerify = False,
     as_json: Json = False,
 ) -> None:
     """Perplexity of a base or compressed model (causal: windows; masked: the paper's protocol)."""
@@ -378,7 +382,7 @@ def eval_ppl(
     with rich_progress() as progress:
         rec = evaluate_ppl(model, data, split=split, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                            batch_size=batch_size, device=device, dtype=dtype, seed=seed, results=results,
-                           trust_remote_code=trust_remote_code, progress=progress)
+                           trust_remote_code=trust_remote_code, progress=progress, verify=not no_verify)
     table = Table(title=f"perplexity: {model}")
     for col in ("data", "tokens", "PPL", "params", "tokens/s"):
         table.add_column(col)
@@ -398,11 +402,12 @@ def export(
     dense: Annotated[bool, typer.Option(
         "--dense", help="multiply factors back into plain weights (the only mode, the default)")] = True,
     overwrite: bool = False,
+    no_verify: NoVerify = False,
 ) -> None:
     """Write a plain Hugging Face checkpoint that vanilla from_pretrained loads."""
     from .checkpoint import export_dense
 
-    export_dense(src, dst, overwrite=overwrite)
+    export_dense(src, dst, overwrite=overwrite, verify=not no_verify)
     err.print(f"wrote {dst}")
 
 
@@ -469,6 +474,7 @@ def capture(
     force: Annotated[bool, typer.Option(help="recompute even if an identical capture exists")] = False,
     device: Device = "cpu",
     trust_remote_code: bool = False,
+    no_verify: NoVerify = False,
     as_json: Json = False,
 ) -> None:
     """Capture calibration statistics (XᵀX, mean|x|, Fisher; optionally block I/O) for data-aware methods."""
@@ -481,7 +487,7 @@ def capture(
                        modules=tuple(modules or ()), layers=layers)
     with rich_progress() as progress:
         res = run_capture(model, data, split, spec, root=out_root, device=device, force=force,
-                          trust_remote_code=trust_remote_code, progress=progress)
+                          trust_remote_code=trust_remote_code, progress=progress, verify=not no_verify)
     meta = res.meta
     table = Table(title=f"capture: {model} ({'reused' if res.reused else 'computed'})")
     for col in ("data", "tokens", "modules", "statistics", "seconds"):

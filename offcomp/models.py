@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from .errors import OffcompError
+from .integrity import file_sha256  # noqa: F401  (re-exported: glue/squad/sts hash their data with it)
 
 HEADS: dict[str, Any] = {
     "causal-lm": AutoModelForCausalLM,
@@ -72,14 +73,6 @@ def _package_dir(package: str, install_hint: str) -> Path:
     if spec is None or spec.origin is None:
         raise OffcompError(f"embedded model needs the {package} package: {install_hint}")
     return Path(spec.origin).parent
-
-
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_dict_sha256(model: nn.Module, skip: set[str] | frozenset[str] = frozenset()) -> str:
@@ -199,15 +192,21 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    verify: bool = True,
 ) -> ModelBundle:
-    """Load a base model or an offcomp compressed directory, with the requested head."""
+    """Load a base model or an offcomp compressed directory, with the requested head.
+
+    A compressed directory's files are checked against its manifest (hashes unless `verify=False`);
+    a base directory must provide every weight of the architecture (only a new task head, or a
+    pooler the checkpoint never had, may start from random values)."""
     if head != "auto" and head not in HEADS:
         raise OffcompError(f"unknown head {head!r}; choose from auto, {', '.join(HEADS)}")
     if is_compressed_dir(name):
         from .checkpoint import load_compressed
 
-        return load_compressed(name, head=head, num_labels=num_labels, device=device, dtype=dtype)
+        return load_compressed(name, head=head, num_labels=num_labels, device=device, dtype=dtype, verify=verify)
     source = resolve(name)
+    refuse_orphan_factors(source)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         head = default_head(config) if head == "auto" else head
@@ -218,7 +217,53 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise OffcompError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    check_loading_info(model, info, name)
     # Hash only what came from the checkpoint, not a freshly initialised task head.
     sha = state_dict_sha256(model, skip=set(info.get("missing_keys", [])))
     model.eval().to(device=device, dtype=dtype)
     return ModelBundle(model, tokenizer, name, source, sha, head_kind(head, config), head)
+
+
+# Base-model modules a checkpoint may lack and that are then freshly initialised on purpose: BERT's
+# pooler, absent from masked-LM checkpoints, feeds only a new classification head.
+FRESH_BASE_MODULES = ("pooler",)
+
+
+def refuse_orphan_factors(source: str) -> None:
+    """A directory whose weights carry offcomp's mark but that has no offcomp.json (lost or deleted)
+    would load as the dense architecture with random weights in every compressed matrix."""
+    from safetensors import SafetensorError, safe_open
+
+    d = Path(source)
+    for f in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
+        try:
+            with safe_open(str(f), "pt") as sf:
+                meta = sf.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise OffcompError(f"{f} is not a readable safetensors file ({str(e)[:100]})") from None
+        if "offcomp_format" in meta:
+            raise OffcompError(f"{source} holds offcomp factors ({f.name}) but no offcomp.json, so it cannot be "
+                               "rebuilt; restore its offcomp.json or re-run `offcomp compress`")
+
+
+def check_loading_info(model: nn.Module, info: dict[str, Any], name: str) -> None:
+    """Refuse a base checkpoint that lacks weights of the architecture or holds tensors for modules
+    the architecture has under other names (transformers would initialise the former randomly)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = prefix if prefix and hasattr(model, prefix) and getattr(model, prefix) is not model else None
+
+    def in_base(key: str) -> str | None:  # the key relative to the base model, or None (a head's)
+        if base is None:
+            return key
+        return key[len(base) + 1:] if key.startswith(base + ".") else None
+
+    missing = [k for k in sorted(info.get("missing_keys", [])) if (r := in_base(k)) is not None
+               and r.split(".")[0] not in FRESH_BASE_MODULES]
+    names = dict(model.named_modules())
+    unexpected = [k for k in sorted(info.get("unexpected_keys", []))
+                  if k.rpartition(".")[0] in names or f"{base}.{k}".rpartition(".")[0] in names]
+    if missing or unexpected:
+        what = (f"lacks {len(missing)} weight(s) of the architecture (first: {missing[0]})" if missing else
+                f"holds {len(unexpected)} tensor(s) the architecture does not have (first: {unexpected[0]})")
+        raise OffcompError(f"{name} {what}, which would be initialised randomly; the checkpoint is incomplete or "
+                           "not a plain model (an offcomp checkpoint needs its offcomp.json)")

@@ -106,6 +106,7 @@ def compress_model(
     trust_remote_code: bool = False,
     plan_source: str | None = None,
     progress: ProgressFn | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Compress a named model by a plan and save the checkpoint; returns the manifest.
 
@@ -113,8 +114,10 @@ def compress_model(
     on the fly (cached like `offcomp capture`); a plan with `allocate` gets its ranks first."""
     from .capture import capture_for_plan, check_stats_model, load_stats
 
+    if out is None and not dry_run:
+        raise OffcompError("compress needs --out DIR (or --dry-run)")
     if out is not None and not dry_run:
-        prepare_out_dir(out, overwrite)
+        prepare_out_dir(out, overwrite, sources=(model,))
     if calib is not None and stats is not None:
         raise OffcompError("give either --stats DIR or --calib-data, not both")
     if plan.modular is not None and calib is None and not dry_run:
@@ -124,7 +127,7 @@ def compress_model(
 
         refuse_test_split(calib["data"], calib["split"])
     dev = parse_device(device)
-    bundle = load_model(model, trust_remote_code=trust_remote_code)
+    bundle = load_model(model, trust_remote_code=trust_remote_code, verify=verify)
     limit = getattr(bundle.model.config, "max_position_embeddings", None)
     if calib is not None and limit and calib["seq_len"] > limit:
         raise OffcompError(f"--calib-seq-len {calib['seq_len']} exceeds the model's {limit} positions; "
@@ -133,7 +136,7 @@ def compress_model(
         get_method(g.method).stats_needed(get_method(g.method).parse_config(g.options, g.name or g.method))
         for g in plan.groups)
     if calib is not None and (needs_capture or plan.modular is None):
-        stats = load_stats(capture_for_plan(bundle, plan, device=device, progress=progress, **calib).path)
+        stats = load_stats(capture_for_plan(bundle, plan, device=device, progress=progress, **calib).path, verify)
     if stats is not None:
         check_stats_model(stats, bundle.sha256)
     calibration = getattr(stats, "meta", None)
@@ -149,8 +152,7 @@ def compress_model(
             {"label": p.unit.label, "method": p.method.name, "names": p.unit.names, "joint": p.unit.joint,
              "hyper": p.hyper, "original_params": p.unit.original_params, "stored_params": p.stored_params}
             for p in plan_units(bundle.model, run_plan, stats)]}
-    if out is None:
-        raise OffcompError("compress needs --out DIR (or --dry-run)")
+    assert out is not None  # checked above, before any work
     torch.manual_seed(seed)
     notes: list[str] = []  # methods' ctx.log (e.g. whitening fallbacks), kept in the manifest
     validate, validation = None, None
@@ -245,14 +247,19 @@ def evaluate_ppl(
     results: str | Path | None = None,
     trust_remote_code: bool = False,
     progress: ProgressFn | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Perplexity of a base model or compressed directory; the record is appended to results.jsonl."""
     from .data import load_text
     from .eval.ppl import perplexity
+    from .paths import check_output
 
     dev, dt = parse_device(device), parse_dtype(dtype)
+    if results is not None:
+        check_output(results, kind="file", option="--results")
     source = load_text(data, split=split)
-    bundle = load_model(model, device=dev, dtype=dt, trust_remote_code=trust_remote_code)
+    bundle = load_model(model, device=dev, dtype=dt, trust_remote_code=trust_remote_code, verify=verify)
+    out_file = check_output(results_path(bundle, results), kind="file", option="--results")
     kind = {"causal": "causal", "masked": "masked"}.get(bundle.kind)
     if kind is None:
         raise OffcompError(
@@ -267,5 +274,5 @@ def evaluate_ppl(
               "seconds": time.perf_counter() - t,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions()}
     record = strict(record)  # a non-finite number is recorded as null with its reason, never as NaN
-    append_result(results_path(bundle, results), record)
+    append_result(out_file, record)
     return record

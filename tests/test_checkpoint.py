@@ -107,5 +107,7 @@ def test_corrupt_weights_are_detected(compressed, tmp_path):
     m = json.loads((bad / "offcomp.json").read_text())
     m["report"]["units"][0]["hyper"]["rank"] += 1  # manifest no longer matches the tensors
     (bad / "offcomp.json").write_text(json.dumps(m))
-    with pytest.raises(OffcompError, match="does not match its manifest"):
+    with pytest.raises(OffcompError, match="offcomp.json does not match its recorded sha256"):
         load_compressed(bad)
+    with pytest.raises(OffcompError, match="does not match its manifest"):  # unchecked: the tensors still refuse
+        load_compressed(bad, verify=False)
