@@ -415,23 +415,31 @@ def export(
 @user_errors
 def report(
     root: Annotated[Path, typer.Argument(help="directory of runs")] = Path("runs"),
-    fmt: Annotated[str, typer.Option("--format", help="table, md, csv or json")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="table (terminal), md, csv, json or tex")] = "table",
+    wide: Annotated[bool, typer.Option("--wide", help="terminal: every column, however wide")] = False,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="also write one PNG per table (metric vs kept parameters) to this directory")] = None,
 ) -> None:
-    """Table of every recorded result under a directory."""
-    from .report import COLUMNS, collect, fmt_cell, render
+    """One comparison table per evaluation of the runs under a directory."""
+    from .report import report_tables
 
-    rows = collect(root)
-    if fmt != "table":
-        sys.stdout.write(render(rows, fmt) + "\n")
-        return
-    # the terminal table keeps the comparison columns; --format md/csv/json has all of them
-    cols = [c for c in COLUMNS if c not in ("params_before", "task", "path", "seconds")]
-    table = Table(title=f"offcomp runs under {root}")
-    for c in cols:
-        table.add_column(c, overflow="fold")
-    for r in rows:
-        table.add_row(*(fmt_cell(r.get(c)) for c in cols))
-    out.print(table)
+    warnings: list[str] = []
+    tables = report_tables(root, warnings)
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    if fmt == "table":
+        from .terminal import print_tables
+
+        print_tables(tables, out, wide=wide)
+    else:
+        from .report_render import render
+
+        sys.stdout.write(render(tables, fmt))
+    if plot is not None:
+        from .report_plot import plot_tables
+
+        for path in plot_tables(tables, plot):
+            err.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

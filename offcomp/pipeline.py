@@ -19,6 +19,7 @@ from .plan import Group, Plan
 from .progress import ProgressFn, no_progress
 from .records import dumps, strict
 from .registry import get_method
+from .report import compression_summary
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -224,6 +225,9 @@ def model_record(bundle: ModelBundle) -> dict[str, Any]:
         rec["methods"] = sorted({u["method"] for u in rep["units"]})
         rec["plan_source"] = bundle.manifest.get("plan_source")
         rec["compress_seconds"] = rep["seconds"]
+        # method, grouping, budget, compressed modules' counts, calibration: a record that
+        # `offcomp report` can place without the checkpoint at hand
+        rec["compression"] = compression_summary(bundle.manifest)
     else:
         rec["params_before"] = rec["params_after"] = count_params(bundle.model)
     # what the model's weights take on disk (its *.safetensors files); None for a remote hub id

@@ -1,104 +1,481 @@
-"""`offcomp report`: one table of every recorded run under a directory."""
+"""`offcomp report`: the recorded runs under a directory, as one comparison table per evaluation.
+
+A table holds the runs that can be compared number for number: same evaluation (task, metric,
+data and split) *and* same protocol (base model weights, data hash, tokens scored, sequence
+length, dtype, training recipe, calibration). Runs that differ in any of these go to a separate
+table whose note says why, never into the same column. Rows are method × grouping × budget, the
+dense baseline first, the best run of each budget marked.
+
+Pure Python on the JSON records (no torch), so `offcomp report` is instant; the renderers live in
+`report_render.py`, the figures in `report_plot.py`, the terminal table in `terminal.py`.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import OffcompError
-from .records import dumps
 
-COLUMNS = ["model", "plan", "methods", "params_before", "params_after", "ratio", "task", "metric", "value",
-           "data", "seconds", "compress_s", "weights_bytes", "path"]
+# metric name -> True when lower is better; a metric not listed gets no "best" mark (no guessing)
+LOWER_IS_BETTER = {"ppl": True, "word_ppl": True, "word_perplexity": True, "bits_per_byte": True, "bpb": True,
+                   "nll": True, "loss": True}
+HIGHER_IS_BETTER = ("accuracy", "acc", "acc_norm", "f1", "exact_match", "em", "matthews", "mcc", "pearson",
+                    "spearman")
+
+# The columns of a comparison table: key, header (file formats), kind.
+COLUMNS: list[tuple[str, str, str]] = [
+    ("method", "method", "text"),
+    ("grouping", "grouping", "text"),
+    ("budget", "budget", "text"),
+    ("params", "stored params", "int"),
+    ("bytes", "bytes", "int"),
+    ("kept_modules", "kept (compressed modules)", "ratio"),
+    ("kept_model", "kept (whole model)", "ratio"),
+    ("value", "metric", "float"),
+    ("delta", "Δ vs dense", "delta"),
+    ("x_dense", "× dense", "ratio"),
+    ("compress_s", "compress s", "seconds"),
+    ("eval_s", "eval s", "seconds"),
+    ("plan", "plan", "text"),
+    ("path", "path", "text"),
+]
+# protocol field -> how a note names it
+PROTOCOL_NAMES = {"base": "base model", "data_sha256": "data (sha256)", "n_tokens": "tokens scored",
+                  "seq_len": "sequence length", "stride": "stride", "dtype": "dtype", "kind": "PPL protocol",
+                  "recipe": "training recipe", "calibration": "calibration protocol"}
+
+
+def direction(metric: str) -> bool | None:
+    """True if lower is better, False if higher is better, None if unknown."""
+    name = metric.lower().rsplit("/", 1)[-1]
+    if name in LOWER_IS_BETTER or name.endswith("loss"):
+        return True
+    if name in HIGHER_IS_BETTER:
+        return False
+    return None
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+def _modules(modules: list[str]) -> str:
+    """attn.q, attn.k, mlp.up -> attn.{k,q} mlp.up (roles grouped by prefix, sorted)."""
+    by: dict[str, list[str]] = {}
+    other: list[str] = []
+    for m in modules:
+        head, dot, tail = m.partition(".")
+        if dot and not m.startswith("re:") and "." not in tail:
+            by.setdefault(head, []).append(tail)
+        else:
+            other.append(m)
+    parts = [f"{h}.{t[0]}" if len(t) == 1 else f"{h}.{{{','.join(sorted(t))}}}" for h, t in sorted(by.items())]
+    return " ".join(parts + other)
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, int | float) else str(v)
+
+
+def compression_summary(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a compressed checkpoint is, for a result row: method label, grouping, budget, the
+    compressed modules' parameters, calibration protocol and compression time. None for dense."""
+    if not manifest:
+        return None
+    plan = manifest.get("plan") or {}
+    rep = manifest.get("report") or {}
+    groups = plan.get("groups") or []
+    labels: list[str] = []
+    for g in groups:
+        opts = ",".join(f"{k}={_num(v)}" for k, v in sorted((g.get("options") or {}).items()))
+        label = f"{g.get('method', '?')}" + (f"({opts})" if opts else "")
+        if label not in labels:
+            labels.append(label)
+    if not labels:  # a manifest without its plan: the units still name their methods
+        labels = sorted({u.get("method", "?") for u in rep.get("units", [])})
+    method = " + ".join(labels)
+    if plan.get("allocate"):
+        method += f"+alloc({plan['allocate'].get('criterion', '?')})"
+    if plan.get("modular") or manifest.get("modular"):
+        mode = (plan.get("modular") or {}).get("mode") or ((manifest.get("modular") or {}).get("config") or {}).get(
+            "mode", "?")
+        method += f"+modular({mode})"
+    grouping = "; ".join(
+        _modules(g.get("modules") or []) + (", joint" if g.get("joint") else ", separate")
+        + ("" if str(g.get("layers", "all")) == "all" else f", layers {g['layers']}") for g in groups) or "-"
+    if plan.get("allocate"):
+        budget = f"ratio {_num(plan['allocate'].get('ratio'))}"
+    else:
+        budgets = []
+        for g in groups:
+            b = next((f"{k} {_num(g[k])}" for k in ("ratio", "cr", "rank") if g.get(k) is not None), "-")
+            if b not in budgets:
+                budgets.append(b)
+        budget = ", ".join(budgets) or "-"
+    units = rep.get("units") or []
+    original = rep.get("compressed_original_params", sum(u.get("original_params", 0) for u in units))
+    stored = rep.get("compressed_stored_params", sum(u.get("stored_params", 0) for u in units))
+    seconds = rep.get("seconds")
+    if seconds is not None and isinstance(manifest.get("modular"), dict):
+        seconds += manifest["modular"].get("seconds") or 0.0
+    return {"method": method, "grouping": grouping, "budget": budget, "original_params": original,
+            "stored_params": stored, "calibration": calibration_protocol(manifest), "seconds": seconds,
+            "plan_source": manifest.get("plan_source")}
+
+
+def calibration_protocol(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The calibration data and windows a checkpoint was fitted on (None: data-free)."""
+    cal, mod = manifest.get("calibration"), manifest.get("modular")
+    if not cal and not mod:
+        return None
+    out: dict[str, Any] = {}
+    if cal:
+        data, spec = cal.get("data") or {}, cal.get("spec") or {}
+        out.update(data=data.get("name"), split=data.get("split"), sha256=data.get("sha256"),
+                   samples=spec.get("samples"), seq_len=spec.get("seq_len"), seed=spec.get("seed"))
+    if isinstance(mod, dict) and mod.get("data"):
+        cfg = mod.get("config") or {}
+        out["modular"] = {**mod["data"], "samples": cfg.get("samples")}
+    return out
+
+
+def _bytes(rec: dict[str, Any], manifest: dict[str, Any] | None, ckpt: Path | None) -> int | None:
+    """Bytes on disk when the record or manifest carries them, else the checkpoint's safetensors."""
+    for src in (rec, manifest or {}, (manifest or {}).get("report") or {}):
+        for key in ("weights_bytes", "bytes_on_disk", "bytes"):
+            v = src.get(key)
+            if isinstance(v, dict):
+                v = v.get("total")
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+    if ckpt is not None and manifest is not None:
+        files = list(ckpt.glob("*.safetensors"))
+        if files:
+            return sum(f.stat().st_size for f in files)
+    return None
+
+
+def _manifest_for(rec: dict[str, Any], results_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """The offcomp.json of the evaluated checkpoint: next to the model's source, else next to
+    results.jsonl when its base weights match the record's."""
+    model = rec.get("model") if isinstance(rec.get("model"), dict) else {}
+    if not model.get("compressed"):
+        return None, None
+    want = (model.get("base") or {}).get("sha256")
+    for d in (Path(str(model.get("source") or "")), results_dir):
+        f = d / "offcomp.json"
+        if str(d) and f.is_file():
+            try:
+                man = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if not want or (man.get("base") or {}).get("sha256") == want:
+                return man, d
+    return None, None
+
+
+def _metrics(rec: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(task, metric, value) for each metric of a record, in the record's order."""
+    kind = rec.get("type", "?")
+    if kind == "ppl":
+        return [("ppl", "ppl", rec.get("ppl"))]
+    task = str(rec.get("task", kind))
+    metrics = rec.get("metrics") or {}
+    names = rec.get("metric_names") or [k for k, v in metrics.items() if isinstance(v, int | float)
+                                        and not isinstance(v, bool) and not k.endswith("loss")
+                                        and not k.startswith("n_")]
+    return [(task, str(k), metrics.get(k)) for k in names] or [(task, "-", None)]
 
 
 def _metric(rec: dict[str, Any]) -> tuple[str, str, Any]:
-    """(task, metric name, value) of a result record of any type."""
-    kind = rec.get("type", "?")
-    if kind == "ppl":
-        return "ppl", "ppl", rec.get("ppl")
-    metrics = {k: v for k, v in (rec.get("metrics") or {}).items()
-               if isinstance(v, int | float) and not k.endswith("loss") and not k.startswith("n_")}
-    task = rec.get("task", kind)
-    if len(metrics) == 1:
-        (key, value), = metrics.items()
-        return str(task), key, value
-    if metrics:  # e.g. MRPC accuracy and F1, EM and F1: all of them, in the record's order
-        return str(task), " / ".join(metrics), " / ".join(fmt_cell(v) for v in metrics.values())
-    return str(task), "-", None
+    """(task, metric, value) of a record; several metrics are joined (`a / b`)."""
+    ms = _metrics(rec)
+    if len(ms) == 1:
+        return ms[0]
+    return ms[0][0], " / ".join(m for _, m, _ in ms), " / ".join(fmt_cell(v) for _, _, v in ms)
 
 
-def collect(root: str | Path) -> list[dict[str, Any]]:
-    """Rows from every results.jsonl under `root`, plus compressed checkpoints not yet evaluated."""
+def _protocol(rec: dict[str, Any], base: str | None) -> dict[str, Any]:
+    data = rec.get("data") if isinstance(rec.get("data"), dict) else {}
+    proto = rec.get("protocol") or {}
+    p: dict[str, Any] = {"base": base, "data_sha256": data.get("sha256")}
+    if rec.get("type") == "ppl":
+        p.update(kind=proto.get("kind"), seq_len=proto.get("seq_len"), stride=proto.get("stride"),
+                 dtype=proto.get("dtype"), n_tokens=rec.get("n_tokens"))
+    else:
+        p.update(dtype=(rec.get("environment") or {}).get("dtype"),
+                 recipe=json.dumps(rec.get("hyperparameters") or rec.get("settings") or {}, sort_keys=True),
+                 n_tokens=json.dumps(data.get("n_scored") or data.get("n_pairs")))
+    return p
+
+
+def _round(seconds: Any) -> float | None:
+    return round(seconds, 1) if isinstance(seconds, int | float) else None
+
+
+def _row(rec: dict[str, Any], results_file: Path) -> list[dict[str, Any]]:
+    model = rec.get("model")
+    model = model if isinstance(model, dict) else {"name": str(model)}
+    compressed = bool(model.get("compressed"))
+    base = (model.get("base") or {}) if compressed else model
+    manifest, ckpt = _manifest_for(rec, results_file.parent)
+    comp = rec.get("compression") or compression_summary(manifest)
+    before, after = rec.get("params_before"), rec.get("params_after")
+    data = rec.get("data") if isinstance(rec.get("data"), dict) else {"name": str(rec.get("data", "-"))}
+    seconds = rec.get("seconds")
+    fallback = (",".join(rec.get("methods") or []) or "?") if compressed else "dense"
+    common = {
+        "model": base.get("name") or model.get("name"), "compressed": compressed,
+        "method": (comp or {}).get("method") or fallback,
+        "grouping": (comp or {}).get("grouping", "-") if compressed else "-",
+        "budget": (comp or {}).get("budget", "?") if compressed else "-",
+        "plan": rec.get("plan_source") or (comp or {}).get("plan_source") or "-",
+        "params_before": before, "params_after": after, "params": after,
+        "bytes": _bytes(rec, manifest, ckpt),
+        "kept_modules": (round(comp["stored_params"] / comp["original_params"], 4)
+                         if comp and comp.get("original_params") else (None if compressed else 1.0)),
+        "kept_model": round(after / before, 4) if before and after else None,
+        "data": f"{data.get('name', '-')}:{data.get('split', '-')}",
+        "calibration": (comp or {}).get("calibration"),
+        "compress_s": _round((comp or {}).get("seconds") or rec.get("compress_seconds")),  # with modular training
+        "eval_s": _round(seconds), "seconds": _round(seconds),
+        "created": rec.get("created"), "path": str(results_file.parent),
+        "protocol": _protocol(rec, base.get("sha256") or base.get("name") or model.get("name")),
+        "record_type": rec.get("type", "?"),
+    }
+    return [{**common, "task": task, "metric": metric, "value": value} for task, metric, value in _metrics(rec)]
+
+
+def collect(root: str | Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (record, metric) from every results.jsonl under `root`, plus compressed
+    checkpoints not yet evaluated (task "-"). Lines that are not JSON objects are skipped and
+    named in `warnings` (a crash mid-write must not hide every other run)."""
     root = Path(root)
     if not root.exists():
         raise OffcompError(f"{root} does not exist; point report at a directory of runs (e.g. runs/)")
     rows: list[dict[str, Any]] = []
     evaluated: set[Path] = set()
     for f in sorted(root.rglob("results.jsonl")):
-        for line in f.read_text().splitlines():
+        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            task, metric, value = _metric(rec)
-            model = rec.get("model")
-            model = model if isinstance(model, dict) else {"name": str(model)}
-            before, after = rec.get("params_before"), rec.get("params_after")
-            data = rec.get("data") or {}
-            rows.append({
-                "model": (model.get("base") or {}).get("name") or model.get("name"),
-                "plan": rec.get("plan_source") or ("dense" if not model.get("compressed") else "-"),
-                "methods": ",".join(rec.get("methods", [])) or "-",
-                "params_before": before, "params_after": after,
-                "ratio": round(after / before, 4) if before and after else None,
-                "task": task, "metric": metric, "value": value,
-                "data": f"{data.get('name', '-')}:{data.get('split', '-')}" if isinstance(data, dict) else str(data),
-                "seconds": round(rec.get("seconds", 0.0), 1),
-                "compress_s": None if rec.get("compress_seconds") is None else round(rec["compress_seconds"], 1),
-                "weights_bytes": rec.get("weights_bytes"), "path": str(f.parent),
-            })
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if not isinstance(rec, dict):
+                if warnings is not None:
+                    warnings.append(f"{f}:{n}: not a JSON record, skipped")
+                continue
+            rows.extend(_row(rec, f))
         evaluated.add(f.parent)
     for m in sorted(root.rglob("offcomp.json")):
         if m.parent in evaluated:
             continue
-        man = json.loads(m.read_text())
-        rep = man.get("report", {})
+        try:
+            man = json.loads(m.read_text())
+        except ValueError:
+            if warnings is not None:
+                warnings.append(f"{m}: not JSON, skipped")
+            continue
+        rep, comp = man.get("report") or {}, compression_summary(man) or {}
+        before, after = rep.get("params_before"), rep.get("params_after")
         rows.append({
-            "model": man.get("base", {}).get("name"), "plan": man.get("plan_source") or "-",
-            "methods": ",".join(sorted({u["method"] for u in rep.get("units", [])})),
-            "params_before": rep.get("params_before"), "params_after": rep.get("params_after"),
-            "ratio": round(rep.get("ratio", 0), 4), "task": "-", "metric": "-", "value": None, "data": "-",
-            "seconds": round(rep.get("seconds", 0.0), 1), "compress_s": round(rep.get("seconds", 0.0), 1),
-            "weights_bytes": sum(f.stat().st_size for f in m.parent.glob("*.safetensors")) or None,
-            "path": str(m.parent),
+            "model": (man.get("base") or {}).get("name"), "compressed": True, "method": comp.get("method"),
+            "grouping": comp.get("grouping"), "budget": comp.get("budget"), "plan": man.get("plan_source") or "-",
+            "params_before": before, "params_after": after, "params": after, "bytes": _bytes({}, man, m.parent),
+            "kept_modules": round(comp["stored_params"] / comp["original_params"], 4)
+            if comp.get("original_params") else None,
+            "kept_model": round(after / before, 4) if before and after else None,
+            "task": "-", "metric": "-", "value": None, "data": "-", "calibration": comp.get("calibration"),
+            "compress_s": _round(comp.get("seconds")), "eval_s": None, "seconds": None, "created": None,
+            "path": str(m.parent), "protocol": {}, "record_type": "checkpoint",
         })
     return rows
 
 
-def render(rows: list[dict[str, Any]], fmt: str) -> str:
-    if fmt == "json":
-        return dumps(rows, indent=2)
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-        return buf.getvalue()
-    if fmt == "md":
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(fmt_cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-        return "\n".join(lines)
-    raise OffcompError(f"unknown format {fmt!r}; use table, md, csv or json")
+# ------------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class ReportTable:
+    """One comparison table: rows share the evaluation and the protocol."""
+
+    title: str
+    metric: str
+    lower_is_better: bool | None
+    protocol: dict[str, Any]
+    rows: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    evaluation: str = ""
+
+    @property
+    def columns(self) -> list[tuple[str, str, str]]:
+        """The columns, the metric's header named after it."""
+        return [(k, self.metric if k == "value" else h, kind) for k, h, kind in COLUMNS]
+
+
+def _calib_key(c: dict[str, Any] | None) -> str | None:
+    return None if c is None else json.dumps(c, sort_keys=True)
+
+
+def _describe(key: str, value: Any) -> str:
+    if value is None:
+        return "none"
+    if key == "calibration":
+        c = json.loads(value) if isinstance(value, str) else value
+        if c is None:
+            return "none"
+        parts = [f"{c.get('data')}:{c.get('split')}", f"{c.get('samples')}×{c.get('seq_len')}",
+                 f"seed {c.get('seed')}"]
+        if c.get("sha256"):
+            parts.append(f"sha256 {str(c['sha256'])[:8]}")
+        return " ".join(parts)
+    if key in ("base", "data_sha256") and isinstance(value, str) and len(value) == 64:
+        return value[:8]
+    return str(value)
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = [k for k in PROTOCOL_NAMES if a.get(k) != b.get(k)]
+    return "; ".join(f"{PROTOCOL_NAMES[k]} {_describe(k, a.get(k))} vs {_describe(k, b.get(k))}" for k in keys)
+
+
+def _sort_rows(rows: list[dict[str, Any]]) -> None:
+    """Dense first, then budgets from the largest kept fraction down, methods by name within one."""
+    kept: dict[str, float] = {}
+    for r in rows:
+        b = str(r.get("budget"))
+        kept[b] = max(kept.get(b, 0.0), r.get("kept_model") or 0.0)
+    rows.sort(key=lambda r: (r["compressed"], -kept[str(r.get("budget"))], str(r.get("budget")),
+                             str(r.get("method")), str(r.get("grouping")), str(r.get("created"))))
+
+
+def _finish(table: ReportTable) -> ReportTable:
+    """Order rows (dense first, then by kept ratio), Δ vs the dense baseline, best per budget."""
+    _sort_rows(table.rows)
+    dense = [r for r in table.rows if not r["compressed"] and isinstance(r.get("value"), int | float)]
+    ref = dense[0]["value"] if dense else None
+    if len(dense) > 1 and len({r["value"] for r in dense}) > 1:
+        table.notes.append(f"{len(dense)} dense runs disagree ({', '.join(fmt_cell(r['value']) for r in dense)}); "
+                           "Δ is against the first")
+    if ref is None:
+        table.notes.append("no dense baseline under this protocol: evaluate the base model with the same options")
+    by_budget: dict[str, list[dict[str, Any]]] = {}
+    for r in table.rows:
+        v = r.get("value")
+        numeric = isinstance(v, int | float) and not isinstance(v, bool)
+        r["delta"] = v - ref if numeric and ref is not None else None
+        r["x_dense"] = round(v / ref, 4) if numeric and ref else None
+        r["best"] = False
+        if r["compressed"] and numeric:
+            by_budget.setdefault(str(r.get("budget")), []).append(r)
+    if table.lower_is_better is not None:
+        for rows in by_budget.values():
+            if len(rows) > 1:
+                pick = min if table.lower_is_better else max
+                best = pick(r["value"] for r in rows)
+                for r in rows:
+                    r["best"] = r["value"] == best
+    return table
+
+
+def _title(ev: tuple, proto: dict[str, Any], model: str) -> str:
+    task, metric, data, _ = ev
+    return f"{task if task != metric else metric.upper()} · {data} · {model}"
+
+
+def build_tables(rows: list[dict[str, Any]]) -> list[ReportTable]:
+    """Group rows into comparison tables (see the module docstring); checkpoints that have no
+    result yet come last, in their own table."""
+    evals: dict[tuple, list[dict[str, Any]]] = {}
+    pending = [r for r in rows if r["record_type"] == "checkpoint"]
+    for r in rows:
+        if r["record_type"] != "checkpoint":
+            evals.setdefault((r["task"], r["metric"], r["data"], r["record_type"]), []).append(r)
+    tables: list[ReportTable] = []
+    for ev, ev_rows in evals.items():
+        by_proto: dict[str, list[dict[str, Any]]] = {}
+        for r in ev_rows:
+            by_proto.setdefault(json.dumps(r["protocol"], sort_keys=True, default=str), []).append(r)
+        # the protocol with the most runs is the reference; others are set apart with the reason
+        protos = sorted(by_proto.values(), key=lambda rs: -len(rs))
+        main = protos[0][0]["protocol"]
+        direction_ = direction(ev[1])
+        for i, prows in enumerate(protos):
+            proto = prows[0]["protocol"]
+            counts: dict[str, int] = {}
+            for r in prows:
+                if (k := _calib_key(r["calibration"])) is not None:
+                    counts[k] = counts.get(k, 0) + 1
+            calibs = sorted(counts, key=lambda k: (-counts[k], k))  # the most used calibration first
+            shared = [r for r in prows if r["calibration"] is None]  # dense and data-free: valid in every split
+            for j, ck in enumerate(calibs or [None]):
+                trows = [dict(r) for r in shared] + [dict(r) for r in prows if _calib_key(r["calibration"]) == ck
+                                                     and ck is not None]
+                t = ReportTable(title=_title(ev, proto, str(prows[0]["model"])), metric=ev[1],
+                                lower_is_better=direction_, protocol={**proto, "calibration": ck}, rows=trows,
+                                evaluation=f"{ev[0]}:{ev[1]}:{ev[2]}")
+                if i > 0:
+                    t.notes.append(f"separate table: not comparable with the first {ev[1]} table "
+                                   f"({_diff(proto, main)})")
+                if j > 0:
+                    t.notes.append("separate table: calibration protocol differs "
+                                   f"({_describe('calibration', ck)} vs {_describe('calibration', calibs[0])}); "
+                                   "dense and data-free rows repeated")
+                tables.append(_finish(t))
+    if pending:
+        t = ReportTable(title="compressed checkpoints without results", metric="-", lower_is_better=None,
+                        protocol={}, rows=[dict(r) for r in pending], evaluation="-")
+        t.notes.append("evaluate them (e.g. `offcomp eval-ppl DIR`) to compare")
+        tables.append(_finish(t))
+    return tables
+
+
+def protocol_line(table: ReportTable) -> str:
+    """The shared protocol of a table in one line (for captions)."""
+    p = table.protocol
+    parts = [f"base weights sha256 {_describe('base', p.get('base'))}"]
+    if p.get("data_sha256"):
+        parts.append(f"data sha256 {_describe('data_sha256', p['data_sha256'])}")
+    for k in ("n_tokens", "seq_len", "stride", "dtype"):
+        if p.get(k) not in (None, "null"):
+            v = p[k]
+            parts.append(f"{PROTOCOL_NAMES[k]} {v:,}" if isinstance(v, int) else f"{PROTOCOL_NAMES[k]} {v}")
+    if p.get("calibration"):
+        parts.append(f"calibration {_describe('calibration', p['calibration'])}")
+    return "; ".join(parts)
 
 
 def fmt_cell(v: Any) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+def fmt_value(key: str, kind: str, v: Any) -> str:
+    """A cell as the tables show it (the file formats keep raw numbers where they can)."""
+    if v is None:
+        return "-"
+    if kind == "ratio" and isinstance(v, int | float):
+        return f"{v:.3f}" if key != "x_dense" else (f"{v:.3g}×" if v < 1e5 else f"{v:.2e}×")
+    if kind == "delta" and isinstance(v, int | float):
+        return ("+" if v > 0 else "") + fmt_cell(float(v))
+    if kind == "seconds" and isinstance(v, int | float):
+        return f"{v:,.0f}" if v >= 10 else f"{v:.1f}"
+    if kind == "float" and isinstance(v, int | float) and not isinstance(v, bool):
+        return fmt_cell(float(v))
+    return fmt_cell(v)
+
+
+def report_tables(root: str | Path, warnings: list[str] | None = None) -> list[ReportTable]:
+    """What `offcomp report ROOT` shows: the comparison tables of every run under `root`."""
+    return build_tables(collect(root, warnings))

@@ -1,0 +1,121 @@
+"""Terminal rendering for the CLI (rich): comparison tables that fit the terminal width.
+
+Numbers never wrap (a split `134,515` / `,008` reads as two numbers); text columns wrap, and when
+even that does not fit, the least important columns go first. `--wide` and the file formats keep
+every column."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .report import ReportTable, fmt_value, protocol_line
+
+# key, short header, priority (lower stays longer); path and plan only with --wide
+TERMINAL_COLUMNS: list[tuple[str, str, int]] = [
+    ("method", "method", 0),
+    ("budget", "budget", 0),
+    ("value", "", 0),  # the metric's own name
+    ("delta", "Δ dense", 1),
+    ("kept_model", "kept\nmodel", 2),
+    ("kept_modules", "kept\nmodules", 3),
+    ("grouping", "grouping", 4),
+    ("params", "params", 5),
+    ("x_dense", "×dense", 6),
+    ("bytes", "MB", 7),
+    ("compress_s", "fit s", 8),
+    ("eval_s", "eval s", 9),
+    ("plan", "plan", 10),
+]
+WIDE_ONLY = {"plan"}
+
+
+def _cell(key: str, kind: str, value: Any) -> str:
+    if key == "bytes" and isinstance(value, int):
+        return f"{value / 1e6:,.1f}"
+    return fmt_value(key, kind, value)
+
+
+def _rows(t: ReportTable, keys: list[str]) -> list[list[str]]:
+    kinds = {k: kind for k, _, kind in t.columns}
+    rows = []
+    for r in t.rows:
+        cells = [_cell(k, kinds[k], r.get(k)) for k in keys]
+        if r.get("best"):
+            cells[keys.index("value")] += "*"
+        rows.append(cells)
+    return rows
+
+
+def _rich_table(t: ReportTable, keys: list[str]) -> Table:
+    kinds = {k: kind for k, _, kind in t.columns}
+    headers = {k: (h or t.metric) for k, h, _ in TERMINAL_COLUMNS}
+    rows = _rows(t, keys)
+    table = Table(title=t.title, title_justify="left")
+    for i, k in enumerate(keys):
+        text = kinds[k] == "text"
+        widest = max([len(w) for row in rows for w in row[i].split()] + [len(x) for x in headers[k].split("\n")])
+        table.add_column(headers[k], justify="left" if text else "right", no_wrap=not text, overflow="fold",
+                         min_width=widest)  # rich never folds a column below its longest word
+    for r, cells in zip(t.rows, rows):
+        styled: list[Any] = list(cells)
+        if r.get("best"):
+            styled[keys.index("value")] = Text(cells[keys.index("value")], style="bold")
+        table.add_row(*styled, style=None if r["compressed"] else "dim")
+    return table
+
+
+def _fits(table: Table, cells: list[list[str]], width: int) -> bool:
+    """Rendered at `width`, is every number whole on one line and no text column squeezed?"""
+    # each column: its minimum width + one space of padding either side + one rule
+    if sum(c.min_width or 0 for c in table.columns) + 3 * len(table.columns) + 1 > width:
+        return False
+    console = Console(width=width, file=io.StringIO(), color_system=None, force_terminal=False)
+    with console.capture() as cap:
+        console.print(table)
+    text = cap.get()
+    lines = text.splitlines()
+    if any(len(line) > width for line in lines):
+        return False
+    return all(any(cell in line for line in lines) for row in cells for cell, col in zip(row, table.columns)
+               if col.no_wrap)
+
+
+def _notes(t: ReportTable) -> list[str]:
+    lines = [protocol_line(t)] if t.protocol else []
+    lines += t.notes
+    if any(r.get("best") for r in t.rows):
+        lines.append("* best of its budget")
+    return lines
+
+
+def fit_table(t: ReportTable, width: int, wide: bool = False) -> Table:
+    """The rich table of `t` with as many columns as fit `width` (all of them with `wide`)."""
+    present = [k for k, _, _ in TERMINAL_COLUMNS
+               if any(r.get(k) not in (None, "-") for r in t.rows) or k in ("method", "budget", "value")]
+    if wide:
+        return _rich_table(t, present)
+    keys = [k for k in present if k not in WIDE_ONLY]
+    prio = {k: p for k, _, p in TERMINAL_COLUMNS}
+    while True:
+        table = _rich_table(t, keys)
+        if len(keys) <= 3 or _fits(table, _rows(t, keys), width):
+            return table
+        keys.remove(max(keys, key=lambda k: prio[k]))
+
+
+def print_tables(tables: list[ReportTable], console: Console, wide: bool = False) -> None:
+    if wide:  # the whole table, however wide: a pager or a file does not wrap it
+        console = Console(file=console.file, width=100_000, force_terminal=console.is_terminal,
+                          no_color=console.no_color)
+    for i, t in enumerate(tables):
+        if i:
+            console.print()
+        console.print(fit_table(t, console.width, wide))
+        for line in _notes(t):
+            console.print(line, style="dim", highlight=False, markup=False,
+                          width=None if not wide else max(80, len(line)))
