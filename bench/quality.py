@@ -40,7 +40,8 @@ from offcomp.models import load_model
 from offcomp.pipeline import compress_model, evaluate_ppl, quick_plan
 from offcomp.records import dumps
 from offcomp.registry import get_method
-from offcomp.report import collect, fmt_cell, render
+from offcomp.report import fmt_cell, report_tables
+from offcomp.report_render import render
 
 WIKI = (Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw").resolve()
 SUITES: dict[str, dict[str, Any]] = {
@@ -190,7 +191,7 @@ def main() -> None:
         print(f"{spec:>18} {key[1]:>10}  test PPL {row['test_ppl']:.4g}  ({row['wall_s']} s)", flush=True)
     md = table(rows)
     (out / "table.md").write_text(md + "\n")
-    (out / "report.md").write_text(render(collect(out), "md") + "\n")
+    (out / "report.md").write_text(render(report_tables(out), "md"))
     print(md)
 
 
