@@ -554,6 +554,7 @@ def finetune_glue(
     freeze_compressed: Freeze = False,
     bf16: Bf16 = False,
     device: Device = "cpu",
+    no_verify: NoVerify = False,
     as_json: Json = False,
 ) -> None:
     """Fine-tune a base or compressed encoder on a GLUE task (HF Trainer; torchrun/accelerate ready)."""
@@ -564,7 +565,7 @@ def finetune_glue(
                           max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, bf16=bf16 or None)
     with rich_progress() as progress:
         rec = run_glue(model, task, data_dir=data_dir, output_dir=out_dir, args=args,
-                       freeze_compressed=freeze_compressed, device=device, progress=progress)
+                       freeze_compressed=freeze_compressed, device=device, progress=progress, verify=not no_verify)
     emit(rec, as_json, _metrics_table(f"{task}: {model}", rec))
 
 
@@ -583,6 +584,7 @@ def squad(
     freeze_compressed: Freeze = False,
     bf16: Bf16 = False,
     device: Device = "cpu",
+    no_verify: NoVerify = False,
     as_json: Json = False,
 ) -> None:
     """Fine-tune and evaluate extractive QA on SQuAD v1.1 (official EM/F1)."""
@@ -594,7 +596,7 @@ def squad(
     with rich_progress() as progress:
         rec = run_squad(model, train_file=train_file, dev_file=dev_file, split_dev=split_dev, output_dir=out_dir,
                         args=args, doc_stride=doc_stride, freeze_compressed=freeze_compressed, device=device,
-                        progress=progress)
+                        progress=progress, verify=not no_verify)
     emit(rec, as_json, _metrics_table(f"SQuAD v1.1: {model}", rec))
 
 
@@ -607,6 +609,7 @@ def eval_sts(
     batch_size: int = 64,
     max_eval_samples: MaxEval = None,
     device: Device = "cpu",
+    no_verify: NoVerify = False,
     as_json: Json = False,
 ) -> None:
     """Zero-shot STS-B: mean-pooled embeddings, cosine similarity, Spearman vs gold scores."""
@@ -614,7 +617,7 @@ def eval_sts(
 
     with rich_progress() as progress:
         rec = run_sts(model, data_dir=data_dir, output_dir=out_dir, batch_size=batch_size,
-                      max_eval_samples=max_eval_samples, device=device, progress=progress)
+                      max_eval_samples=max_eval_samples, device=device, progress=progress, verify=not no_verify)
     emit(rec, as_json, _metrics_table(f"STS-B zero-shot: {model}", rec))
 
 

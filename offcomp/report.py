@@ -250,50 +250,56 @@ def _row(rec: dict[str, Any], results_file: Path) -> list[dict[str, Any]]:
 
 def collect(root: str | Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per (record, metric) from every results.jsonl under `root`, plus compressed
-    checkpoints not yet evaluated (task "-"). Lines that are not JSON objects are skipped and
-    named in `warnings` (a crash mid-write must not hide every other run)."""
+    checkpoints not yet evaluated (task "-"). Damaged lines (not JSON, not an object, fields of the
+    wrong type) are skipped and counted in `warnings`, one message per file (a crash mid-write must
+    not hide every other run); a damaged manifest likewise."""
     root = Path(root)
     if not root.exists():
         raise OffcompError(f"{root} does not exist; point report at a directory of runs (e.g. runs/)")
     rows: list[dict[str, Any]] = []
     evaluated: set[Path] = set()
     for f in sorted(root.rglob("results.jsonl")):
-        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+        damaged: list[int] = []
+        lines = f.read_text(errors="replace").splitlines()
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError:
-                rec = None
+                rows.extend(_row(rec, f) if isinstance(rec, dict) else [])
+            except (ValueError, TypeError, AttributeError, KeyError, ZeroDivisionError):
+                rec = None  # not JSON, or a record with fields of the wrong type
             if not isinstance(rec, dict):
-                if warnings is not None:
-                    warnings.append(f"{f}:{n}: not a JSON record, skipped")
-                continue
-            rows.extend(_row(rec, f))
+                damaged.append(n)
+        if damaged and warnings is not None:  # one line per file, however many lines are damaged
+            warnings.append(f"{f}:{damaged[0]}: skipped {len(damaged)} damaged line(s) of {len(lines)}, the first here")
         evaluated.add(f.parent)
     for m in sorted(root.rglob("offcomp.json")):
         if m.parent in evaluated:
             continue
         try:
-            man = json.loads(m.read_text())
-        except ValueError:
+            rows.append(_checkpoint_row(json.loads(m.read_text()), m))
+        except (ValueError, TypeError, AttributeError, KeyError, ZeroDivisionError):
             if warnings is not None:
-                warnings.append(f"{m}: not JSON, skipped")
-            continue
-        rep, comp = man.get("report") or {}, compression_summary(man) or {}
-        before, after = rep.get("params_before"), rep.get("params_after")
-        rows.append({
-            "model": (man.get("base") or {}).get("name"), "compressed": True, "method": comp.get("method"),
-            "grouping": comp.get("grouping"), "budget": comp.get("budget"), "plan": man.get("plan_source") or "-",
-            "params_before": before, "params_after": after, "params": after, "bytes": _bytes({}, man, m.parent),
-            "kept_modules": round(comp["stored_params"] / comp["original_params"], 4)
-            if comp.get("original_params") else None,
-            "kept_model": round(after / before, 4) if before and after else None,
-            "task": "-", "metric": "-", "value": None, "data": "-", "calibration": comp.get("calibration"),
-            "compress_s": _round(comp.get("seconds")), "eval_s": None, "seconds": None, "created": None,
-            "path": str(m.parent), "protocol": {}, "record_type": "checkpoint",
-        })
+                warnings.append(f"{m}: damaged manifest, skipped")
     return rows
+
+
+def _checkpoint_row(man: dict[str, Any], m: Path) -> dict[str, Any]:
+    """The row of a compressed checkpoint that has no results yet (raises on a damaged manifest)."""
+    rep, comp = man.get("report") or {}, compression_summary(man) or {}
+    before, after = rep.get("params_before"), rep.get("params_after")
+    return {
+        "model": (man.get("base") or {}).get("name"), "compressed": True, "method": comp.get("method"),
+        "grouping": comp.get("grouping"), "budget": comp.get("budget"), "plan": man.get("plan_source") or "-",
+        "params_before": before, "params_after": after, "params": after, "bytes": _bytes({}, man, m.parent),
+        "kept_modules": round(comp["stored_params"] / comp["original_params"], 4)
+        if comp.get("original_params") else None,
+        "kept_model": round(after / before, 4) if before and after else None,
+        "task": "-", "metric": "-", "value": None, "data": "-", "calibration": comp.get("calibration"),
+        "compress_s": _round(comp.get("seconds")), "eval_s": None, "seconds": None, "created": None,
+        "path": str(m.parent), "protocol": {}, "record_type": "checkpoint",
+    }
 
 
 # ------------------------------------------------------------------------------------------- tables

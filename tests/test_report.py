@@ -208,7 +208,7 @@ def test_terminal_80_columns_golden(runs):
 def test_cli_formats_and_plot(runs, tmp_path):
     res = _cli(["report", "runs", "--format", "tex", "--plot", str(tmp_path / "png")], Path.cwd())
     assert res.returncode == 0 and "\\toprule" in res.stdout
-    assert res.stderr.count("wrote ") == 5 and "not a JSON record" in res.stderr
+    assert res.stderr.count("wrote ") == 5 and "damaged line(s)" in res.stderr
     res = _cli(["report", "runs", "--format", "yaml"], Path.cwd())
     assert res.returncode == 2 and "unknown format" in res.stderr
 

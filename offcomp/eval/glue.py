@@ -275,10 +275,11 @@ def resolve_model(
     num_labels: int | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    verify: bool = True,
 ) -> Loaded:
     """Load a name/path through `offcomp.models.load_model`, or wrap a model built by the caller."""
     if isinstance(model, str | Path):
-        b = load_model(str(model), head=head, num_labels=num_labels, device=device, dtype=dtype)
+        b = load_model(str(model), head=head, num_labels=num_labels, device=device, dtype=dtype, verify=verify)
         info = {**b.protocol(), "kind": b.kind, "compressed_modules": n_compressed(b.model)}
         return Loaded(b.model, b.tokenizer, info, b.manifest)
     if tokenizer is None:
@@ -334,12 +335,12 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-def prepare_output_dir(output_dir: str | Path) -> Path:
-    """Check the destination up front; it is created only when the record is written."""
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise OffcompError(f"output dir {out} exists and is not a directory")
-    return out
+def prepare_output_dir(output_dir: str | Path, model: Any = None) -> Path:
+    """Check the destination up front (offcomp.paths); it is created only when the record is written."""
+    from offcomp.paths import check_output
+
+    source = model if isinstance(model, str | Path) else None
+    return check_output(output_dir, kind="dir", option="--out", sources=(source,))
 
 
 def set_seed(seed: int) -> None:
@@ -461,6 +462,7 @@ def run_glue(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: ProgressFn | None = None,
+    verify: bool = True,
 ) -> dict:
     """Fine-tune `model` on one GLUE task, score its dev set(s) and write `glue-<task>.json`.
 
@@ -471,11 +473,11 @@ def run_glue(
     """
     t_start = time.perf_counter()
     spec = _task(task)
-    out = prepare_output_dir(output_dir)
+    out = prepare_output_dir(output_dir, model)
     data = load_glue(spec.name, data_dir)  # validate data before the (slower) model load
     set_seed(args.seed)  # the new head's init must be identical on every rank and rerun
     loaded = resolve_model(model, tokenizer, head="sequence-classification", num_labels=spec.num_labels,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype, verify=verify)
     n_labels = getattr(loaded.model.config, "num_labels", spec.num_labels)
     if n_labels != spec.num_labels:
         raise OffcompError(f"{spec.name} needs a head with {spec.num_labels} label(s); the model has {n_labels}")

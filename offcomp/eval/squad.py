@@ -260,6 +260,7 @@ def run_squad(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: ProgressFn | None = None,
+    verify: bool = True,
 ) -> dict:
     """Fine-tune `model` for SQuAD v1.1, score official EM/F1 and write `squad.json` (rank 0).
 
@@ -267,14 +268,14 @@ def run_squad(
     `args.max_train_samples` / `max_eval_samples` keep the first N questions (quick runs).
     """
     t_start = time.perf_counter()
-    out = prepare_output_dir(output_dir)
+    out = prepare_output_dir(output_dir, model)
     if n_best < 1 or max_answer_length < 1:
         raise OffcompError("n_best and max_answer_length must be >= 1")
     data = load_squad(train_file, dev_file, split_dev)
     train_ex = data.train[: args.max_train_samples]
     eval_ex = data.eval[: args.max_eval_samples]
     set_seed(args.seed)
-    loaded = resolve_model(model, tokenizer, head="question-answering", device=device, dtype=dtype)
+    loaded = resolve_model(model, tokenizer, head="question-answering", device=device, dtype=dtype, verify=verify)
     tok = loaded.tokenizer
     frozen = freeze_compressed_modules(loaded.model) if freeze_compressed else 0
     params = param_counts(loaded.model)

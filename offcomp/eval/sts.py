@@ -161,6 +161,7 @@ def run_sts(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: ProgressFn | None = None,
+    verify: bool = True,
 ) -> dict:
     """Zero-shot STS-B: cosine similarity of pooled embeddings vs gold scores (Spearman, Pearson).
 
@@ -169,12 +170,12 @@ def run_sts(
     `sts-stsb.json` to `output_dir` when one is given (rank 0 only).
     """
     t_start = time.perf_counter()
-    out = prepare_output_dir(output_dir) if output_dir is not None else None
+    out = prepare_output_dir(output_dir, model) if output_dir is not None else None
     if batch_size < 1 or (max_eval_samples is not None and max_eval_samples < 1):
         raise OffcompError("batch size and max_eval_samples must be >= 1")
     pairs, source = load_sts(data_dir, split)
     n = len(pairs["label"]) if max_eval_samples is None else min(max_eval_samples, len(pairs["label"]))
-    loaded = resolve_model(model, tokenizer, head="base", device=device, dtype=dtype)
+    loaded = resolve_model(model, tokenizer, head="base", device=device, dtype=dtype, verify=verify)
     st = _st_config_for(loaded.info)
     settings = {
         "pooling": pooling or (st["pooling"] if st else "mean"),
