@@ -210,6 +210,21 @@ def rebuild_units(model: nn.Module, units: list[dict[str, Any]], rename: Any = l
     return skipped
 
 
+def _with_shared_names(file: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors under every name they had: `save_model` keeps one name of a shared
+    tensor (e.g. an MLM decoder tied to the input embedding may be kept as the decoder) and records
+    the dropped names in the metadata, so loading under another head still finds the base's name."""
+    from safetensors import safe_open
+
+    state = load_file(str(file))
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata() or {}
+    for dropped, kept in meta.items():
+        if kept in state and dropped not in state:
+            state[dropped] = state[kept]
+    return state
+
+
 def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | None = None,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True):
     """Rebuild the exact compressed model (optionally under another task head).
@@ -244,7 +259,7 @@ def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | N
     rename = _renamer(manifest.get("base_prefix"), _prefixed(model))
     skipped = rebuild_units(model, manifest["report"]["units"], rename, where=path / MANIFEST)
     try:
-        state = {rename(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
+        state = {rename(k): v for k, v in _with_shared_names(path / WEIGHTS).items()}
     except (SafetensorError, OSError) as e:
         raise OffcompError(f"{path / WEIGHTS} is not a readable safetensors file ({str(e)[:120]}); {REMAKE}") from None
     try:

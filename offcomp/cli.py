@@ -444,6 +444,44 @@ def report(
 
 @app.command()
 @user_errors
+def inspect(
+    model: Annotated[str, typer.Argument(help="embedded name, HF id or model directory")],
+    trust_remote_code: bool = False,
+    as_json: Json = False,
+) -> None:
+    """Blocks, roles and aliases, shapes, parameter shares, tied tensors, shared inputs, break-even
+    ranks, and a plan skeleton (YAML) to edit."""
+    from .inspection import inspect_model
+
+    rec = inspect_model(model, trust_remote_code=trust_remote_code)
+    if as_json:
+        emit(rec, True)
+        return
+    b = rec["blocks"]
+    out.print(f"{rec['class']} ({rec['model_type']}), {rec['params']:,} parameters; "
+              f"{b['layers']} × {b['type']} at {b['path']}", highlight=False)
+    table = Table(title="modules: roles of every block (params: all blocks), then the rest")
+    for c in ("role", "alias", "shape", "params", "share", "break-even", "notes"):
+        table.add_column(c, overflow="fold")
+    for r in rec["roles"]:
+        notes = ", ".join(x for x in ("Conv1D" if r["conv1d"] else "",
+                                      "fused " + "/".join(r["fused"]) if r["fused"] else "") if x)
+        table.add_row(r["role"], r["alias"] or "-", "×".join(map(str, r["shape"])), f"{r['params']:,}",
+                      f"{r['share']:.1%}", f"{r['break_even_rank']:g}", notes or "-")
+    tied = {n for t in rec["tied"] for n in t}
+    for r in rec["other"]:
+        notes = ", ".join(x for x in ("tied" if r["name"] in tied else "", "refused" if r["refused"] else "") if x)
+        table.add_row(r["name"], r["role"] or "-", "×".join(map(str, r["shape"])), f"{r['params']:,}",
+                      f"{r['share']:.1%}", f"{r['break_even_rank']:g}", notes or "-")
+    out.print(table)
+    shared = [" ".join(s) for s in rec["shared_inputs"] if len(s) > 1]
+    out.print("read one input (one Gram matrix): " + ("; ".join(shared) or "none"), highlight=False)
+    out.print("tied: " + ("; ".join(" = ".join(t) for t in rec["tied"]) or "none"), highlight=False)
+    out.print(rec["plan"], highlight=False, markup=False)
+
+
+@app.command()
+@user_errors
 def methods() -> None:
     """List the registered compression methods and their options."""
     from .registry import available_methods, get_method

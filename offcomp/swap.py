@@ -235,7 +235,7 @@ def layer_list(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def shared_inputs(model: nn.Module, names: list[str] | None = None, seq_len: int = 8) -> dict[str, str]:
-    """module name → the first module (in model order) that reads the very same input tensor, found by
+    """module name → the first module (in call order) that reads the very same input tensor, found by
     tracing one forward pass on a tiny input; a module reading its own input maps to itself.
 
     Identity of the input tensor, not naming rules: q/k/v of LLaMA, GPT-2's c_attn alone, Falcon's

@@ -1,0 +1,242 @@
+"""Structure discovery and architecture quirks, beyond the per-architecture contract in
+test_contract.py: traced shared inputs, Conv1D orientation, scaled embeddings, LM-head biases,
+head selection, refusals, and the data-aware paths (SVD-LLM, Wanda, sequential modular training,
+GLUE fine-tuning) on architectures other than LLaMA and BERT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offcomp
+from offcomp.errors import OffcompError
+from offcomp.swap import discover, shared_inputs
+
+from .conftest import save_model_dir, tiny_model, tiny_word_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_discovered_structure_per_family():
+    s = discover(tiny_model("gpt2"))
+    assert (s.blocks, s.n_layers, s.embed, s.lm_head) == ("transformer.h", 2, "transformer.wte", "lm_head")
+    assert s.block_paths() == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert s.transposed == {f"transformer.h.{i}.{p}" for i in range(2) for p in s.block_paths()}
+    table = {m.name: m for m in s.modules}
+    assert table["transformer.h.0.attn.c_attn"].shape == (192, 64)  # (out, in), although Conv1D stores (in, out)
+    assert {"lm_head", "transformer.wte"} in [set(t) for t in s.tied]
+    assert s.roles()["attn.qkv"] == "attn.c_attn" and s.roles()["attn.c_attn"] == "attn.c_attn"
+    d = discover(tiny_model("distilbert"))
+    assert d.blocks == "distilbert.transformer.layer" and d.lm_head == "vocab_projector"
+    assert d.default_modules() == ["attn.k", "attn.o", "attn.q", "attn.v", "mlp.down", "mlp.up"]
+    assert discover(tiny_model("opt")).blocks == "model.decoder.layers"
+
+
+def test_unknown_family_works_by_path_suffix_and_regex(monkeypatch):
+    """A model type with no alias table: default modules are the paths inside the blocks."""
+    from offcomp import adapters
+
+    monkeypatch.delitem(adapters.ALIASES, "gpt2")
+    model = tiny_model("gpt2")
+    s = discover(model)
+    assert s.aliases == {} and s.default_modules() == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    plan = offcomp.parse_plan({"groups": [{"modules": ["mlp.c_fc"], "ratio": 0.5},
+                                          {"modules": ["re:.*\\.attn\\.c_proj"], "joint": True, "ratio": 0.5},
+                                          {"modules": ["c_attn"], "layers": "1", "ratio": 0.5}]})
+    units = offcomp.plan_units(model, plan)
+    assert [u.unit.names for u in units][-1] == ["transformer.h.1.attn.c_attn"]
+    assert len(units) == 4
+
+
+def test_shared_inputs_are_traced_not_named():
+    llama = shared_inputs(tiny_model("llama"))
+    assert llama["model.layers.0.self_attn.v_proj"] == "model.layers.0.self_attn.q_proj"
+    assert llama["model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.gate_proj"
+    assert llama["model.layers.0.self_attn.o_proj"] == "model.layers.0.self_attn.o_proj"
+    assert llama["model.layers.1.self_attn.q_proj"] == "model.layers.1.self_attn.q_proj"  # not across layers
+    # Falcon's parallel attention: the fused QKV and the MLP read one layer-norm output
+    falcon = shared_inputs(tiny_model("falcon"))
+    assert falcon["transformer.h.0.mlp.dense_h_to_4h"] == "transformer.h.0.self_attention.query_key_value"
+    opt = shared_inputs(tiny_model("opt"))  # OPT defines k before q but calls q first: the first called leads
+    assert opt["model.decoder.layers.0.self_attn.k_proj"] == "model.decoder.layers.0.self_attn.q_proj"
+
+
+def test_scaled_embedding_keeps_its_scale():
+    """Gemma multiplies by √hidden inside the embedding's forward; the replacement must too."""
+    model = tiny_model("gemma")
+    emb = model.get_input_embeddings()
+    ids = torch.arange(5, 15)[None]
+    with torch.no_grad():
+        dense = emb(ids)
+    offcomp.compress_(model, offcomp.parse_plan({"groups": [{"modules": ["embed"], "rank": 40}]}))
+    new = model.get_input_embeddings()
+    with torch.no_grad():
+        out, raw = new(ids), torch.nn.functional.embedding(ids, new.to_dense())
+    assert float(new.embed_scale) == pytest.approx(8.0)  # √64
+    torch.testing.assert_close(out, raw * 8.0)
+    assert (out - dense).norm() < 0.5 * dense.norm()  # the same magnitude as the dense output, not 1/8
+
+
+def test_position_embedding_with_offset_is_refused():
+    model = tiny_model("opt")
+    plan = offcomp.parse_plan({"groups": [{"modules": ["embed_positions"], "rank": 4}]})
+    with pytest.raises(OffcompError, match="embed_positions cannot be compressed: OPTLearnedPositionalEmbedding"):
+        offcomp.plan_units(model, plan)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "electra", "roberta"])
+def test_mlm_decoder_bias_survives(model_type):
+    model = tiny_model(model_type)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.bias.normal_()  # a visible bias: dropping it would move every logit
+    ids = torch.randint(5, 128, (1, 8))
+    with torch.no_grad():
+        before = model(ids).logits
+    offcomp.compress_(model, offcomp.parse_plan({"groups": [{"modules": ["lm_head"], "rank": 40}]}))
+    new = model.get_output_embeddings()
+    assert torch.equal(new.bias, head.bias)
+    with torch.no_grad():
+        after = model(ids).logits
+    # the bias is kept exactly: the error left is the rank truncation only
+    assert (after - before).abs().mean() < (before - head.bias).abs().mean()
+
+
+def test_conv1d_export_keeps_orientation(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from offcomp.checkpoint import export_dense
+    from offcomp.pipeline import compress_model
+
+    src = save_model_dir(tiny_model("gpt2"), tiny_word_tokenizer(), tmp_path / "src")
+    compress_model(str(src), offcomp.parse_plan({"groups": [{"modules": ["attn.qkv", "mlp.up"], "ratio": 0.5}]}),
+                   tmp_path / "ck")
+    export_dense(tmp_path / "ck", tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert isinstance(dense.transformer.h[0].attn.c_attn, Conv1D)
+    assert dense.transformer.h[0].attn.c_attn.weight.shape == (64, 192)
+
+
+@pytest.mark.parametrize("config_kw, message", [
+    ({"model_type": "t5"}, "encoder-decoder"),
+    ({"model_type": "mixtral"}, "mixture-of-experts"),
+])
+def test_unsupported_structures_get_one_line(config_kw, message):
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.for_model(config_kw["model_type"], d_model=32, hidden_size=32, num_layers=1,
+                               num_hidden_layers=1, num_attention_heads=2, num_heads=2, intermediate_size=32,
+                               d_ff=32, d_kv=16, vocab_size=64)
+    with torch.device("meta"):
+        model = AutoModel.from_config(cfg)
+    with pytest.raises(OffcompError, match=message):
+        discover(model)
+
+
+def test_default_head_from_architectures():
+    from transformers import AutoConfig
+
+    from offcomp.models import default_head
+
+    def cfg(*archs, model_type="gpt2"):
+        c = AutoConfig.for_model(model_type)
+        c.architectures = list(archs) or None
+        return c
+
+    assert default_head(cfg("GPT2LMHeadModel")) == "causal-lm"
+    assert default_head(cfg("XLMWithLMHeadModel", model_type="xlm")) == "causal-lm"
+    assert default_head(cfg("DistilBertForMaskedLM", model_type="distilbert")) == "masked-lm"
+    assert default_head(cfg("BertModel", model_type="bert")) == "base"
+    assert default_head(cfg(model_type="gpt_neox")) == "causal-lm"  # no architectures: the type's only LM head
+
+
+def _random_stats(model, names, n=3, seq=16):
+    from offcomp.capture_hooks import collect_stats
+
+    batches = [{"input_ids": torch.randint(5, 128, (1, seq)), "labels": None} for _ in range(n)]
+    batches = [{k: v for k, v in b.items() if v is not None} for b in batches]
+    return collect_stats(model, batches, shared_inputs(model, names), gram=True, fisher=False).by_module()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "phi3"])
+def test_data_aware_paths_on_fused_and_conv1d_models(model_type):
+    """SVD-LLM with calibration statistics, Wanda pruning and sequential modular training."""
+    from offcomp.modular import modular_train, teacher_copy
+    from offcomp.plan import ModularConfig
+
+    model = tiny_model(model_type)
+    s = discover(model)
+    names = [m.name for m in s.modules if m.layer is not None and m.kind == "linear"]
+    stats = _random_stats(model, names)
+    ids = torch.randint(5, 128, (2, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+    teacher = teacher_copy(model)
+    ffn_in = s.block_paths()[-2]
+    plan = offcomp.parse_plan({"groups": [
+        {"modules": [p for p in s.block_paths() if p != ffn_in], "method": "svd-llm", "ratio": 0.6},
+        {"modules": [ffn_in], "method": "prune", "options": {"score": "wanda"}, "ratio": 0.5}]})
+    report = offcomp.compress_(model, plan, stats=stats)
+    assert {n for u in report.units for n in u.names} == set(names)
+    with torch.no_grad():
+        compressed = model(ids).logits
+    windows = torch.randint(5, 128, (6, 16))
+    rec = modular_train(teacher, model, windows, ModularConfig(epochs=2, lr=1e-3, mode="sequential"))
+    assert [b["block"] for b in rec["blocks"]] == ["layers.0", "layers.1"]
+    assert all(b["nmse_after"] <= b["nmse_before"] for b in rec["blocks"])
+    with torch.no_grad():
+        trained = model(ids).logits
+    assert torch.isfinite(trained).all() and not torch.equal(trained, compressed)
+    assert (compressed - dense).abs().max() > 0
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "deberta-v2", "electra", "modernbert"])
+def test_glue_finetunes_compressed_encoders(model_type, tmp_path):
+    from offcomp.eval.glue import FinetuneArgs, run_glue
+    from offcomp.pipeline import compress_model, quick_plan
+
+    from .finetune_torchrun import write_sst2
+
+    model = tiny_model(model_type)
+    src = save_model_dir(model, tiny_word_tokenizer(), tmp_path / "src")
+    compress_model(str(src), quick_plan(model.config, "svd", ratio=0.8), tmp_path / "ck")
+    data = write_sst2(tmp_path / "glue", n_train=16, n_dev=8)
+    args = FinetuneArgs(batch_size=8, grad_accum=1, epochs=1, eval_batch_size=8, max_length=32, logging_steps=1)
+    rec = run_glue(str(tmp_path / "ck"), "sst2", data_dir=data, output_dir=tmp_path / "out", args=args)
+    assert rec["model"]["compressed"] and rec["data"]["n_train"] == 16 and 0 <= rec["metrics"]["accuracy"] <= 1
+    assert rec["model"]["compressed_modules"] == 2 * len(discover(model).block_paths())
+
+
+def test_inspect_record_and_plan_skeleton(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from offcomp.cli import app
+    from offcomp.inspection import inspect_structure
+
+    rec = inspect_structure(tiny_model("llama"))
+    roles = {r["role"]: r for r in rec["roles"]}
+    assert roles["self_attn.k_proj"]["alias"] == "attn.k" and roles["self_attn.k_proj"]["shape"] == [32, 64]
+    assert roles["self_attn.k_proj"]["params"] == 2 * 32 * 64
+    assert roles["self_attn.k_proj"]["break_even_rank"] == round(32 * 64 / 96, 1)
+    assert roles["self_attn.k_proj"]["reads_input_with"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert rec["shared_inputs"][0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert sum(r["share"] for r in rec["roles"]) + sum(r["share"] for r in rec["other"]) == pytest.approx(
+        1, abs=0.01)  # tied embeddings counted once; norms are the rest
+    plan = offcomp.parse_plan(yaml.safe_load(rec["plan"]))  # the skeleton is a valid plan as is
+    assert [g.modules for g in plan.groups] == [["attn.q", "attn.k", "attn.v"], ["attn.o"], ["mlp.gate", "mlp.up"],
+                                                ["mlp.down"]]
+    assert len(offcomp.plan_units(tiny_model("llama"), plan)) == 14
+
+    phi = {r["role"]: r for r in inspect_structure(tiny_model("phi3"))["roles"]}
+    assert phi["self_attn.qkv_proj"]["fused"] == ["q", "k", "v"] and phi["mlp.gate_up_proj"]["alias"] == "mlp.gate_up"
+
+    src = save_model_dir(tiny_model("gpt2"), tiny_word_tokenizer(), tmp_path / "gpt2")
+    res = CliRunner().invoke(app, ["inspect", str(src), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["blocks"] == {"path": "transformer.h", "type": "GPT2Block", "layers": 2}
+    assert all(r["conv1d"] for r in out["roles"]) and out["tied"] == [["transformer.wte", "lm_head"]]
