@@ -134,7 +134,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # save_model drops duplicate names of shared tensors (tied embeddings, a joint group's V).
-        save_model(model, str(tmp / WEIGHTS), metadata=WEIGHTS_MARK)
+        save_model(model, str(tmp / WEIGHTS), metadata=dict(WEIGHTS_MARK))  # save_model adds to the dict
         sealed = seal({**manifest, "files": hash_files(tmp, skip={MANIFEST})})
         (tmp / MANIFEST).write_text(dumps(sealed, indent=2))
 

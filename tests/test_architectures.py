@@ -68,13 +68,13 @@ def test_scaled_embedding_keeps_its_scale():
     ids = torch.arange(5, 15)[None]
     with torch.no_grad():
         dense = emb(ids)
-    offcomp.compress_(model, offcomp.parse_plan({"groups": [{"modules": ["embed"], "rank": 40}]}))
+    offcomp.compress_(model, offcomp.parse_plan({"groups": [{"modules": ["embed", "lm_head"], "rank": 20}]}))
     new = model.get_input_embeddings()
     with torch.no_grad():
         out, raw = new(ids), torch.nn.functional.embedding(ids, new.to_dense())
     assert float(new.embed_scale) == pytest.approx(8.0)  # √64
     torch.testing.assert_close(out, raw * 8.0)
-    assert (out - dense).norm() < 0.5 * dense.norm()  # the same magnitude as the dense output, not 1/8
+    assert 0.5 * dense.norm() < out.norm() <= dense.norm()  # the dense output's magnitude (rank 20 of 64), not 1/8
 
 
 def test_position_embedding_with_offset_is_refused():
@@ -93,7 +93,7 @@ def test_mlm_decoder_bias_survives(model_type):
     ids = torch.randint(5, 128, (1, 8))
     with torch.no_grad():
         before = model(ids).logits
-    offcomp.compress_(model, offcomp.parse_plan({"groups": [{"modules": ["lm_head"], "rank": 40}]}))
+    offcomp.compress_(model, offcomp.parse_plan({"groups": [{"modules": ["lm_head", "embed"], "rank": 20}]}))
     new = model.get_output_embeddings()
     assert torch.equal(new.bias, head.bias)
     with torch.no_grad():
@@ -240,3 +240,21 @@ def test_inspect_record_and_plan_skeleton(tmp_path):
     out = json.loads(res.stdout)
     assert out["blocks"] == {"path": "transformer.h", "type": "GPT2Block", "layers": 2}
     assert all(r["conv1d"] for r in out["roles"]) and out["tied"] == [["transformer.wte", "lm_head"]]
+
+
+def test_saved_metadata_names_only_this_models_tensors(tmp_path):
+    """save_model writes the dropped names of shared tensors into the metadata dict it is given;
+    a module-level dict would carry one checkpoint's names into every later one (regression)."""
+    from safetensors import safe_open
+
+    from offcomp.checkpoint import WEIGHTS, save_compressed
+
+    for i, mt in enumerate(("gemma", "gpt2")):
+        model = tiny_model(mt)
+        report = offcomp.compress_(model, offcomp.parse_plan({"groups": [{"modules": ["mlp.down"], "joint": True,
+                                                                           "rank": 8}]}))
+        save_compressed(model, None, tmp_path / str(i), {"head": "causal-lm", "plan": {}, "report": report.to_dict(),
+                                                         "base": {}})
+    with safe_open(str(tmp_path / "1" / WEIGHTS), "pt") as f:
+        names = [k for k in (f.metadata() or {}) if "." in k]
+    assert names and all(n.startswith(("transformer.", "lm_head")) for n in names)
