@@ -57,6 +57,7 @@ class CompressReport:
     # LM head compressed together are one tensor), and of the tied copies it had to keep.
     compressed_original_params: int = 0
     untied_copy_params: int = 0
+    resumed_units: int = 0  # loaded from an interrupted run's partial directory, not fitted again
 
     @property
     def ratio(self) -> float:
@@ -67,6 +68,7 @@ class CompressReport:
         d = asdict(self)
         d["ratio"] = self.ratio
         d["compressed_stored_params"] = sum(u.stored_params for u in self.units)
+        d["fitted_units"] = len(self.units) - self.resumed_units
         return d
 
 
@@ -268,6 +270,21 @@ def check_fitted_finite(unit: FitUnit, method: str, layers: list[nn.Module]) -> 
                                    f"{pname} of {name} (ill-conditioned data or budget); nothing was written")
 
 
+def _resume_unit(model: nn.Module, i: int, p: PlannedUnit, originals: list[nn.Module], resume: Any,
+                 report: CompressReport) -> bool:
+    """Swap in unit i from the partial directory if it is there and intact."""
+    layers = p.method.build(p.unit, p.cfg, p.hyper, originals)
+    record = resume.load_unit(i, layers, p.unit.names)
+    if record is None:
+        return False
+    for name, layer in zip(p.unit.names, layers):
+        install(model, name, layer)
+    record["shapes"] = [tuple(s) for s in record["shapes"]]
+    report.units.append(UnitRecord(**record))
+    report.resumed_units += 1
+    return True
+
+
 @torch.no_grad()
 def _rel_error(originals: list[torch.Tensor], layers: list[nn.Module]) -> float:
     num = den = 0.0
@@ -288,8 +305,12 @@ def compress_(
     progress: ProgressFn | None = None,
     validate: Any = None,
     log: Any = None,
+    resume: Any = None,
 ) -> CompressReport:
-    """Compress `model` in place according to `plan` and report what was done."""
+    """Compress `model` in place according to `plan` and report what was done.
+
+    `resume` (an `offcomp.resume.PartialStore`) keeps every fitted unit and hands back those an
+    interrupted run already fitted; each unit is seeded `seed + i`, so skipping some changes nothing."""
     t0 = time.perf_counter()
     planned = plan_units(model, plan, stats)
     progress = progress or no_progress
@@ -303,6 +324,8 @@ def compress_(
     for i, p in enumerate(planned):
         progress(f"fitting {p.unit.label} ({p.method.name})", i, len(planned))
         originals = [linear_view(model.get_submodule(n)) for n in p.unit.names]
+        if resume is not None and _resume_unit(model, i, p, originals, resume, report):
+            continue
         weights = [o.weight.detach().clone() for o in originals]
         check_inputs_finite(p.unit, weights, stats)
         ctx = FitContext(device=dev, seed=seed + i, progress=progress, stats=stats, validate=validate)
@@ -323,6 +346,8 @@ def compress_(
                 _rel_error(weights, layers), seconds,
             )
         )
+        if resume is not None:
+            resume.save_unit(i, layers, asdict(report.units[-1]))
     progress("fitting done", len(planned), len(planned))
     # each original tensor once (tied weights are one tensor), whatever number of units replaced it
     report.params_after = report.params_before - acc.removed + acc.stored + acc.copied

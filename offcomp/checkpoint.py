@@ -15,6 +15,8 @@ manifest's structure is validated, so a damaged checkpoint is one clear error, n
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import platform
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import _remove_duplicate_names, load_file, save_file
 
 from .errors import OffcompError
 from .integrity import hash_files, read_json, seal, verify_document, verify_files
@@ -100,19 +102,74 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False, sources: tuple[str
 
 
 def atomic_dir(out: Path, write: Any, overwrite: bool = False) -> Path:
-    """Write into a temporary sibling and rename it into place: a crash leaves nothing half-written."""
+    """Write into a temporary sibling and rename it into place: a crash leaves nothing half-written.
+
+    With `overwrite` the new directory takes the old one's place in one step (Linux renameat2
+    RENAME_EXCHANGE; elsewhere the old one is renamed aside first and put back by the next run if
+    the process dies in between) and the old one is deleted only afterwards, so at every moment
+    `out` is either the complete old or the complete new output."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write(tmp)
         if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            if not _exchange(tmp, out):  # no atomic swap here: old aside, new in, old removed
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old output
     return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file system or kernel without it
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove temporary siblings of `out` (`.NAME.tmp-PID`) left by processes that no longer run,
+    and put back an old output (`.NAME.old-PID`) that a dead process had renamed aside; a live
+    process's directories are never touched. Returns what was removed or restored."""
+    done = []
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, _, pid = p.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(p, out)  # died between moving the old output aside and the new one in
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        done.append(p)
+    return done
 
 
 def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any],
@@ -133,12 +190,40 @@ def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        # save_model drops duplicate names of shared tensors (tied embeddings, a joint group's V).
-        save_model(model, str(tmp / WEIGHTS), metadata=dict(WEIGHTS_MARK))  # save_model adds to the dict
+        save_state(model, tmp / WEIGHTS, dict(WEIGHTS_MARK))
         sealed = seal({**manifest, "files": hash_files(tmp, skip={MANIFEST})})
         (tmp / MANIFEST).write_text(dumps(sealed, indent=2))
 
     return atomic_dir(out, write, overwrite)
+
+
+def save_state(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save every tensor once (like safetensors' save_model, duplicate names of a shared tensor such
+    as tied embeddings or a joint group's V are dropped; loading refills them through the aliases),
+    byte-for-byte reproducibly: safetensors writes its metadata in hash-map order, so a file with two
+    metadata entries had other bytes (another file hash) at every save of one model."""
+    state = model.state_dict()
+    for dropped in _remove_duplicate_names(state).values():
+        for name in dropped:
+            del state[name]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata or {"format": "pt"})
+    _sort_metadata(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted (same length: only order changes)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        canon = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                           ensure_ascii=False).encode()
+        if len(canon) <= n:  # always, unless a serialiser difference; then the file is left as it is
+            f.seek(8)
+            f.write(canon + b" " * (n - len(canon)))
 
 
 def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:

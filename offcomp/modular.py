@@ -224,9 +224,13 @@ def modular_train(
     seed: int = 0,
     progress: ProgressFn | None = None,
     log: Any = None,
+    resume: Any = None,
 ) -> dict[str, Any]:
     """Train every compressed block of `student` towards the matching block of the dense `teacher`
-    on calibration `windows` (N × L token ids), layer by layer; returns a record for the manifest."""
+    on calibration `windows` (N × L token ids), layer by layer; returns a record for the manifest.
+
+    `resume` (an `offcomp.resume.PartialStore`) keeps each trained layer with the generator state
+    after it; layers an interrupted run already trained are loaded, not trained again."""
     progress = progress or no_progress
     log = log or (lambda msg: None)
     dev = torch.device(device)
@@ -252,21 +256,51 @@ def modular_train(
     hidden, call = _layer_inputs(teacher, t_layers[0], windows, dev)
     if cfg.mode == "sequential":
         s_hidden, _ = _layer_inputs(student, s_layers[0], windows, dev)
-        blocks = _train_sequential(t_layers, s_layers, hidden, s_hidden, call, shared, cfg, gen, progress, log)
+        blocks = _train_sequential(t_layers, s_layers, hidden, s_hidden, call, shared, cfg, gen, progress, log,
+                                   _Resume(resume, gen, shared))
     else:
-        blocks = _train_blocks(t_layers, s_layers, hidden, call, roles, shared, cfg, gen, progress, log)
+        blocks = _train_blocks(t_layers, s_layers, hidden, call, roles, shared, cfg, gen, progress, log,
+                               _Resume(resume, gen, shared))
     return {"config": cfg.model_dump(), "windows": list(windows.shape), "seed": seed, "blocks": blocks,
-            "frozen_shared_tensors": len(shared), "seconds": time.perf_counter() - t0}
+            "frozen_shared_tensors": len(shared), "seconds": time.perf_counter() - t0,
+            "resumed_layers": resume.resumed_layers if resume is not None else 0}
+
+
+class _Resume:
+    """Per-layer save/load of trained parameters; a no-op without a store. Only a prefix of layers
+    is ever loaded: the generator state chains from one layer's training to the next."""
+
+    def __init__(self, store: Any, gen: torch.Generator, shared: set[int]) -> None:
+        self.store, self.gen, self.shared, self.open = store, gen, shared, store is not None
+
+    def _params(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        mine = {id(p) for p in _trainable(layer, self.shared)}
+        return {n: p for n, p in layer.named_parameters() if id(p) in mine}
+
+    def load(self, i: int, layer: nn.Module) -> list[dict[str, Any]] | None:
+        records = self.store.load_layer(i, self._params(layer), self.gen) if self.open else None
+        self.open = records is not None
+        return records
+
+    def save(self, i: int, layer: nn.Module, records: list[dict[str, Any]]) -> None:
+        if self.store is not None:
+            self.store.save_layer(i, self._params(layer), records, self.gen)
 
 
 def _train_blocks(t_layers: list[nn.Module], s_layers: list[nn.Module], hidden: list[torch.Tensor],
                   call: BlockCall, roles: dict[str, str], shared: set[int], cfg: ModularConfig,
-                  gen: torch.Generator, progress: ProgressFn, log: Any) -> list[dict[str, Any]]:
+                  gen: torch.Generator, progress: ProgressFn, log: Any, resume: _Resume) -> list[dict[str, Any]]:
     """The paper's regime: every block on the dense model's inputs, towards the dense block's outputs."""
     blocks = []
     for i, (tl, sl) in enumerate(zip(t_layers, s_layers)):
         paths = [p for p in block_paths(sl, roles) if _trainable(sl.get_submodule(p), shared)]
         outs, io = _capture_blocks(tl, paths, hidden, call)
+        done = resume.load(i, sl)
+        if done is not None:
+            blocks += done
+            hidden = outs
+            continue
+        first = len(blocks)
         for p in paths:
             label = f"layers.{i}" + (f".{p}" if p else "")
             rec = train_block(tl.get_submodule(p), sl.get_submodule(p), io[p], _trainable(sl.get_submodule(p), shared),
@@ -274,13 +308,14 @@ def _train_blocks(t_layers: list[nn.Module], s_layers: list[nn.Module], hidden: 
             log(f"modular {label}: normalised MSE {rec['nmse_before']:.4g} → {rec['nmse_after']:.4g} "
                 f"(epoch {rec['best_epoch']})")
             blocks.append(rec)
+        resume.save(i, sl, blocks[first:])
         hidden = outs
     return blocks
 
 
 def _train_sequential(t_layers: list[nn.Module], s_layers: list[nn.Module], hidden: list[torch.Tensor],
                       s_hidden: list[torch.Tensor], call: BlockCall, shared: set[int], cfg: ModularConfig,
-                      gen: torch.Generator, progress: ProgressFn, log: Any) -> list[dict[str, Any]]:
+                      gen: torch.Generator, progress: ProgressFn, log: Any, resume: _Resume) -> list[dict[str, Any]]:
     """Each layer's compressed parameters (all its blocks at once) learn to map the compressed
     model's hidden states to the dense layer's outputs; the student's stream moves on through the
     trained layer, so the next layer learns to correct what is left."""
@@ -289,12 +324,16 @@ def _train_sequential(t_layers: list[nn.Module], s_layers: list[nn.Module], hidd
         with torch.no_grad():
             outs = [call(tl, x) for x in hidden]
         params = _trainable(sl, shared)
-        if params:
+        done = resume.load(i, sl) if params else None
+        if done is not None:
+            records += done
+        elif params:
             io = {"x": s_hidden, "y": outs, "call": call, "teacher_x": hidden, "scale_ref": hidden}
             rec = train_block(tl, sl, io, params, cfg, gen, f"layers.{i}", progress)
             log(f"modular layers.{i}: normalised MSE {rec['nmse_before']:.4g} → {rec['nmse_after']:.4g} "
                 f"(epoch {rec['best_epoch']})")
             records.append(rec)
+            resume.save(i, sl, [rec])
         with torch.no_grad():
             s_hidden = [call(sl, x) for x in s_hidden]
         hidden = outs

@@ -20,6 +20,7 @@ from .progress import ProgressFn, no_progress
 from .records import dumps, strict
 from .registry import get_method
 from .report import compression_summary
+from .resume import PartialStore
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -166,17 +167,50 @@ def compress_model(
                                   seq_len=valid.get("seq_len", 1024), device=dev)
         validation = {**vsource.describe(), "max_tokens": valid.get("max_tokens", 4096)}
     teacher = teacher_copy(bundle.model) if plan.modular is not None else None
-    report = compress_(bundle.model, run_plan, stats=stats, device=dev, seed=seed, progress=progress,
-                       validate=validate, log=notes.append)
-    modular = None
-    if teacher is not None:
-        windows = calibration_windows_for(bundle.tokenizer, plan.modular.samples, **calib)  # type: ignore[arg-type]
-        modular = modular_train(teacher, bundle.model, windows, plan.modular, device=dev, seed=seed,  # type: ignore[arg-type]
-                                progress=progress, log=notes.append)
-        modular["data"] = {k: calib[k] for k in ("data", "split", "seq_len", "seed")}  # type: ignore[index]
-        del teacher
-    bundle.model.to("cpu")
-    manifest = {
+    # everything that decides the fitted tensors: a partial directory with another key is discarded
+    store = PartialStore(out, {
+        "plan": plan.model_dump(), "base_sha256": bundle.sha256, "head": bundle.head,
+        "stats_key": (getattr(stats, "meta", None) or {}).get("key") if stats is not None else None,
+        "calib": calib, "calib_sha256": _text_sha256(calib), "valid": valid, "valid_sha256": _text_sha256(valid),
+        "seed": seed, "device": str(dev),
+        "offcomp": versions()["offcomp"], "torch": torch.__version__})
+    try:
+        report = compress_(bundle.model, run_plan, stats=stats, device=dev, seed=seed, progress=progress,
+                           validate=validate, log=notes.append, resume=store)
+        modular = None
+        if teacher is not None:
+            windows = calibration_windows_for(bundle.tokenizer, plan.modular.samples, **calib)  # type: ignore[arg-type]
+            modular = modular_train(teacher, bundle.model, windows, plan.modular, device=dev,  # type: ignore[arg-type]
+                                    seed=seed, progress=progress, log=notes.append, resume=store)
+            modular["data"] = {k: calib[k] for k in ("data", "split", "seq_len", "seed")}  # type: ignore[index]
+            del teacher
+        bundle.model.to("cpu")
+        manifest = _manifest(bundle, plan, plan_source, seed, report, calibration, allocation, validation, modular,
+                             notes)
+        manifest["resume"] = {"partial": str(store.path), "resumed_units": report.resumed_units,
+                              "fitted_units": len(report.units) - report.resumed_units,
+                              "resumed_modular_layers": store.resumed_layers}
+        save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite)
+    except BaseException:
+        store.close(remove=False)  # kept: re-running the same command resumes from it
+        raise
+    store.close(remove=True)
+    return {"out": str(out), **manifest, "versions": versions()}
+
+
+def _text_sha256(source: dict[str, Any] | None) -> str | None:
+    """Content hash of calibration/validation text (part of the resume key: a file can change)."""
+    if source is None:
+        return None
+    from .capture import load_calibration_text
+
+    return load_calibration_text(source["data"], source.get("split", "validation")).sha256
+
+
+def _manifest(bundle: ModelBundle, plan: Plan, plan_source: str | None, seed: int, report: Any,
+              calibration: dict[str, Any] | None, allocation: dict[str, Any] | None,
+              validation: dict[str, Any] | None, modular: dict[str, Any] | None, notes: list[str]) -> dict[str, Any]:
+    return {
         "base": {"name": bundle.name, "source": bundle.source, "sha256": bundle.sha256},
         "head": bundle.head, "kind": bundle.kind, "seed": seed, "plan_source": plan_source,
         "plan": plan.model_dump(), "report": report.to_dict(),
@@ -186,8 +220,6 @@ def compress_model(
         **({"modular": modular} if modular else {}),
         **({"fit_log": notes} if notes else {}),
     }
-    save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite)
-    return {"out": str(out), **manifest, "versions": versions()}
 
 
 def calibration_windows_for(tokenizer: Any, n: int | None, *, data: str, split: str, samples: int, seq_len: int,
