@@ -167,9 +167,8 @@ def test_interrupted_modular_training_resumes_bit_identically(tmp_path, llama_di
     calib = {"data": "embedded", "split": "validation", "samples": 4, "seq_len": 32, "seed": 0}
     ref = compress_model(str(llama_dir), plan, tmp_path / "ref", calib=calib)
     out = tmp_path / "out"
-    label = "modular layers.1" if mode == "sequential" else "modular layers.1.mlp"
-    with pytest.raises(Interrupt):
-        compress_model(str(llama_dir), plan, out, calib=calib, progress=_stop_at(label, 2))
+    with pytest.raises(Interrupt):  # while training layer 1 (blocks: its first block)
+        compress_model(str(llama_dir), plan, out, calib=calib, progress=_stop_at("modular layers.1", 2))
     res = compress_model(str(llama_dir), plan, out, calib=calib)
     assert res["resume"]["resumed_units"] == 21 and res["resume"]["resumed_modular_layers"] == 1
     assert res["modular"]["resumed_layers"] == 1
