@@ -156,7 +156,8 @@ class PartialStore:
         return records
 
     def close(self, remove: bool) -> None:
-        """Release the lock; `remove` (the output is in place) deletes the directory first."""
-        if remove:
+        """Release the lock; `remove` (the output is in place) deletes the directory first, as does
+        a run stopped before any work was kept (e.g. a plan refused): nothing is left behind."""
+        if remove or not any(self.path.glob("*.safetensors")):
             shutil.rmtree(self.path, ignore_errors=True)
         os.close(self._lock)
