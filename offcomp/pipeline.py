@@ -191,8 +191,11 @@ def compress_model(
                               "fitted_units": len(report.units) - report.resumed_units,
                               "resumed_modular_layers": store.resumed_layers}
         save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite)
+    except OffcompError:
+        store.close(remove=True)  # bad input fails again on a re-run: nothing is left behind
+        raise
     except BaseException:
-        store.close(remove=False)  # kept: re-running the same command resumes from it
+        store.close(remove=False)  # a kill, Ctrl-C or crash: re-running the same command resumes
         raise
     store.close(remove=True)
     return {"out": str(out), **manifest, "versions": versions()}
