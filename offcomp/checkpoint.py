@@ -190,7 +190,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_state(model, tmp / WEIGHTS, dict(WEIGHTS_MARK))
+        save_state(model, tmp / WEIGHTS, WEIGHTS_MARK)
         sealed = seal({**manifest, "files": hash_files(tmp, skip={MANIFEST})})
         (tmp / MANIFEST).write_text(dumps(sealed, indent=2))
 
@@ -198,15 +198,18 @@ def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest:
 
 
 def save_state(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Save every tensor once (like safetensors' save_model, duplicate names of a shared tensor such
-    as tied embeddings or a joint group's V are dropped; loading refills them through the aliases),
-    byte-for-byte reproducibly: safetensors writes its metadata in hash-map order, so a file with two
-    metadata entries had other bytes (another file hash) at every save of one model."""
+    """Save every tensor once, as safetensors' save_model does (duplicate names of a shared tensor,
+    such as tied embeddings or a joint group's V, are dropped and recorded in the metadata as
+    dropped → kept), but byte-for-byte reproducibly: safetensors writes its metadata in hash-map
+    order, so the bytes (the file hash) of one model changed from save to save; the metadata keys
+    are sorted here. The caller's dict is never modified."""
     state = model.state_dict()
-    for dropped in _remove_duplicate_names(state).values():
+    meta = dict(metadata or {"format": "pt"})
+    for kept, dropped in _remove_duplicate_names(state).items():
         for name in dropped:
+            meta.setdefault(name, kept)
             del state[name]
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata or {"format": "pt"})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=meta)
     _sort_metadata(path)
 
 
