@@ -17,7 +17,7 @@ from .errors import OffcompError
 from .plan import Plan, expand_plan
 from .progress import ProgressFn, no_progress
 from .registry import FitContext, FitUnit, Method, get_method
-from .swap import discover, install, linear_view
+from .swap import discover, fused, install, linear_view
 
 
 @dataclass
@@ -95,6 +95,15 @@ def plan_units(
         if refused:
             raise OffcompError(f"group {g.label!r}: {refused[0]} cannot be compressed: "
                                f"{structure.refused[refused[0]]}; exclude it")
+        fused_paths = fused(structure)
+        hidden = [n for n in g.names if getattr(method, "needs_channels", False)
+                  and (m := structure.layer_regex().match(n)) and m.group(2) in fused_paths]
+        if hidden:
+            rx = structure.layer_regex().match(hidden[0])
+            parts = "/".join(fused_paths[rx.group(2)][0])  # type: ignore[union-attr]
+            raise OffcompError(f"group {g.label!r}: {hidden[0]} is a fused projection ({parts} in one matrix); "
+                               f"method {method.name!r} removes heads/neurons of separate projections, which "
+                               f"{structure.model_type} does not expose; use a low-rank method or unstructured prune")
         bad = [n for n, k in zip(g.names, g.kinds) if k not in method.kinds]
         if bad:
             raise OffcompError(f"group {g.label!r}: method {method.name!r} cannot compress {bad[0]} ({bad[0]!r} kind)")

@@ -60,8 +60,11 @@ def plan_skeleton(s: Structure, input_sets: list[list[str]]) -> str:
             "# set joint: true to share one factor across the group's layers, `offcomp methods` lists options.\n")
     tail = ""
     if s.embed:
-        tail = ("  # the token embedding (and the LM head, if untied) can be compressed too:\n"
-                "  # - {name: embed, modules: [embed], method: svd, ratio: 0.8}\n")
+        tied = any(s.embed in t and s.lm_head in t for t in s.tied)
+        mods = "[embed, lm_head]" if tied else "[embed]"
+        note = " (tied to the LM head: compress both)" if tied else ""
+        tail = (f"  # the token embedding{note} can be compressed too:\n"
+                f"  # - {{name: embed, modules: {mods}, method: svd, ratio: 0.8}}\n")
     return head + body + tail
 
 

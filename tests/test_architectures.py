@@ -258,3 +258,22 @@ def test_saved_metadata_names_only_this_models_tensors(tmp_path):
     with safe_open(str(tmp_path / "1" / WEIGHTS), "pt") as f:
         names = [k for k in (f.metadata() or {}) if "." in k]
     assert names and all(n.startswith(("transformer.", "lm_head")) for n in names)
+
+
+def test_structured_pruning_on_conv1d_and_refused_inside_fused_projections():
+    model = tiny_model("gpt2")
+    ids = torch.randint(5, 128, (1, 8))
+    plan = offcomp.parse_plan({"groups": [{"modules": ["mlp.up", "mlp.down"], "joint": True,
+                                           "method": "prune-structured", "ratio": 0.5}]})
+    offcomp.compress_(model, plan)
+    assert model.transformer.h[0].mlp.c_fc.weight.shape[0] < 128  # neurons really removed
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    heads = offcomp.parse_plan({"groups": [{"modules": ["attn.qkv", "attn.o"], "joint": True, "ratio": 0.5,
+                                            "method": "prune-structured", "options": {"head_dim": 16}}]})
+    with pytest.raises(OffcompError, match=r"c_attn is a fused projection \(q/k/v in one matrix\)"):
+        offcomp.plan_units(tiny_model("gpt2"), heads)
+    gated = offcomp.parse_plan({"groups": [{"modules": ["mlp.gate_up", "mlp.down"], "joint": True, "ratio": 0.5,
+                                            "method": "prune-structured"}]})
+    with pytest.raises(OffcompError, match="gate/up in one matrix"):
+        offcomp.plan_units(tiny_model("phi3"), gated)

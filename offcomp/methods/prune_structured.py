@@ -213,6 +213,9 @@ class PruneStructured(Method):
     Config = PruneStructuredConfig
     joint_shapes = "any"
     kinds = ("linear",)
+    # Removes channels (neurons, heads) of separate projections: a fused QKV / gate-up matrix hides
+    # which rows belong together, so plan_units refuses fused projections (offcomp.adapters.FUSED).
+    needs_channels = True
 
     def stats_needed(self, cfg: PruneStructuredConfig) -> tuple[str, ...]:
         return ("act_sq",) if cfg.score == "wanda" else ()
