@@ -228,14 +228,17 @@ def refuse_test_split(data: str, split: str) -> str:
 
 def load_calibration_text(data: str, split: str) -> Any:
     from .data import load_text
+    from .hygiene import refuse_evaluation_text
 
     try:
-        return load_text(data, split=split)
+        source = load_text(data, split=split)
     except OffcompError as e:
         if data.strip().lower().startswith("wikitext"):
             raise OffcompError(f"{e}".split(";")[0] + "; pass --data PATH to a local validation file, "
                                "e.g. ../shared/data/wikitext-2-raw/wiki.valid.raw") from None
         raise
+    refuse_evaluation_text(source, "calibration")
+    return source
 
 
 def default_root() -> Path:
@@ -263,6 +266,7 @@ def run_capture(
     hashes (a damaged or edited one is recomputed). Returns where it is and its capture.json."""
     from .checkpoint import atomic_dir, versions
     from .data import causal_text
+    from .hygiene import text_identity
     from .models import ModelBundle, load_model
     from .paths import check_output
     from .swap import oriented_weight
@@ -317,7 +321,8 @@ def run_capture(
         save_file(tensors, str(tmp / STATS), metadata={"format": "offcomp-capture", "key": key})
         meta = {
             "format": "offcomp-capture", "format_version": CAPTURE_FORMAT, "key": key, "key_material": material,
-            "model": bundle.protocol(), "data": source.describe(), "loss": kind, "spec": asdict(spec),
+            "model": bundle.protocol(), "data": {k: v for k, v in text_identity(source, "").items() if k != "role"},
+            "loss": kind, "spec": asdict(spec),
             "n_tokens": res.n_tokens, "n_batches": len(batches),
             "fisher_gradients": "per batch of batch_size sequences (mean token loss of the batch)",
             "modules": {n: {"input": k, "shape": list(oriented_weight(bundle.model.get_submodule(n)).shape)}

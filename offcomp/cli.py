@@ -234,6 +234,13 @@ def emit(result: dict[str, Any], as_json: bool, table: Table | None = None) -> N
         raise typer.Exit(EXIT_NON_FINITE)
 
 
+def warn_contaminated(record: dict[str, Any]) -> None:
+    """The record says so too (`contaminated: true`); a score on calibration text must be seen."""
+    if record.get("contaminated"):
+        err.print(f"[yellow]warning:[/] contaminated evaluation: {escape(str(record.get('contamination')))}",
+                  highlight=False, soft_wrap=True)
+
+
 def parse_options(pairs: list[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for pair in pairs:
@@ -383,6 +390,7 @@ def eval_ppl(
         rec = evaluate_ppl(model, data, split=split, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                            batch_size=batch_size, device=device, dtype=dtype, seed=seed, results=results,
                            trust_remote_code=trust_remote_code, progress=progress, verify=not no_verify)
+    warn_contaminated(rec)
     table = Table(title=f"perplexity: {model}")
     for col in ("data", "tokens", "PPL", "params", "tokens/s"):
         table.add_column(col)
@@ -604,6 +612,7 @@ def finetune_glue(
     with rich_progress() as progress:
         rec = run_glue(model, task, data_dir=data_dir, output_dir=out_dir, args=args,
                        freeze_compressed=freeze_compressed, device=device, progress=progress, verify=not no_verify)
+    warn_contaminated(rec)
     emit(rec, as_json, _metrics_table(f"{task}: {model}", rec))
 
 
@@ -635,6 +644,7 @@ def squad(
         rec = run_squad(model, train_file=train_file, dev_file=dev_file, split_dev=split_dev, output_dir=out_dir,
                         args=args, doc_stride=doc_stride, freeze_compressed=freeze_compressed, device=device,
                         progress=progress, verify=not no_verify)
+    warn_contaminated(rec)
     emit(rec, as_json, _metrics_table(f"SQuAD v1.1: {model}", rec))
 
 
@@ -656,6 +666,7 @@ def eval_sts(
     with rich_progress() as progress:
         rec = run_sts(model, data_dir=data_dir, output_dir=out_dir, batch_size=batch_size,
                       max_eval_samples=max_eval_samples, device=device, progress=progress, verify=not no_verify)
+    warn_contaminated(rec)
     emit(rec, as_json, _metrics_table(f"STS-B zero-shot: {model}", rec))
 
 

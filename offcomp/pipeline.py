@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from .api import compress_, count_params, plan_units
 from .checkpoint import prepare_out_dir, save_compressed, versions
 from .errors import OffcompError
+from .hygiene import contamination, text_identity
 from .models import ModelBundle, load_model
 from .modular import modular_train, teacher_copy
 from .plan import Group, Plan
@@ -124,10 +125,12 @@ def compress_model(
         raise OffcompError("give either --stats DIR or --calib-data, not both")
     if plan.modular is not None and calib is None and not dry_run:
         raise OffcompError("modular training needs calibration text: pass --calib-data (e.g. wiki.valid.raw)")
-    if calib is not None:
-        from .capture import refuse_test_split
+    seen: list[dict[str, Any]] = []  # every text the compressed model is fitted on or selected by
+    if calib is not None:  # refused by name and by content before the model is loaded
+        from .capture import load_calibration_text, refuse_test_split
 
-        refuse_test_split(calib["data"], calib["split"])
+        text = load_calibration_text(calib["data"], refuse_test_split(calib["data"], calib["split"]))
+        seen.append(text_identity(text, "calibration"))
     dev = parse_device(device)
     bundle = load_model(model, trust_remote_code=trust_remote_code, verify=verify)
     limit = getattr(bundle.model.config, "max_position_embeddings", None)
@@ -141,6 +144,9 @@ def compress_model(
         stats = load_stats(capture_for_plan(bundle, plan, device=device, progress=progress, **calib).path, verify)
     if stats is not None:
         check_stats_model(stats, bundle.sha256)
+        data = (getattr(stats, "meta", None) or {}).get("data")
+        if calib is None and isinstance(data, dict):
+            seen.append({"role": "calibration", **data})
     calibration = getattr(stats, "meta", None)
     calibration = calibration and {k: calibration.get(k) for k in ("path", "key", "data", "loss", "spec", "n_tokens")}
     allocation, run_plan = None, plan
@@ -166,6 +172,7 @@ def compress_model(
         validate = make_validator(bundle.model, bundle.tokenizer, vsource, max_tokens=valid.get("max_tokens", 4096),
                                   seq_len=valid.get("seq_len", 1024), device=dev)
         validation = {**vsource.describe(), "max_tokens": valid.get("max_tokens", 4096)}
+        seen.append(text_identity(vsource, "validation"))
     teacher = teacher_copy(bundle.model) if plan.modular is not None else None
     # everything that decides the fitted tensors: a partial directory with another key is discarded
     store = PartialStore(out, {
@@ -187,6 +194,8 @@ def compress_model(
         bundle.model.to("cpu")
         manifest = _manifest(bundle, plan, plan_source, seed, report, calibration, allocation, validation, modular,
                              notes)
+        if seen:
+            manifest["calibration_data"] = seen
         manifest["resume"] = {"partial": str(store.path), "resumed_units": report.resumed_units,
                               "fitted_units": len(report.units) - report.resumed_units,
                               "resumed_modular_layers": store.resumed_layers}
@@ -309,7 +318,9 @@ def evaluate_ppl(
                      max_tokens=max_tokens, batch_size=batch_size, device=dev, dtype=dt, seed=seed,
                      progress=progress or no_progress)
     # the evaluator's "model" is the class name; the record's "model" is the full identity
+    scored = (Path(source.name),) if Path(source.name).is_file() else ()
     record = {"type": "ppl", **res, "architecture": res.get("model"), **model_record(bundle),
+              **contamination(bundle.manifest, rows=source.rows, sha256=source.sha256, files=scored),
               "seconds": time.perf_counter() - t,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions()}
     record = strict(record)  # a non-finite number is recorded as null with its reason, never as NaN

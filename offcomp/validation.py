@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .data import TextSource, causal_text, rows_sha256
 from .errors import OffcompError
+from .hygiene import refuse_evaluation_text
 from .swap import install, replace_module
 
 Validator = Callable[[dict[str, nn.Module]], float]
@@ -66,6 +67,7 @@ def make_validator(
     if source.split == "test" or _TEST_FILE.search(Path(source.name).name):
         raise OffcompError(f"validation text {source.name} ({source.split}) looks like a test split, which would "
                            "leak into model selection; use the validation split, e.g. wiki.valid.raw")
+    refuse_evaluation_text(source, "model selection")
     if kind == "causal" and max_tokens is not None:
         source = trim_source(source, tokenizer, max_tokens)
         if len(tokenizer(causal_text(source), add_special_tokens=False).input_ids) < seq_len:

@@ -292,9 +292,23 @@ def resolve_model(
     return Loaded(model, tokenizer, info)
 
 
-def model_fields(loaded: Loaded, total_params: int) -> dict[str, Any]:
-    """Model identity and sizes in the shape `offcomp report` reads from result records."""
-    rec: dict[str, Any] = {"model": loaded.info}
+def scored_files(source: dict[str, Any]) -> tuple[Path, ...]:
+    """The local files a GLUE / SQuAD / STS-B record scores (none for hub data)."""
+    if "file" in source:  # STS-B
+        return (Path(source["file"]),)
+    if "dev_file" in source:  # SQuAD
+        return (Path(source["dev_file"]),)
+    if "dir" in source:  # GLUE: every split but train
+        return tuple(Path(source["dir"]) / f for f in source.get("sha256", {}) if f != "train.tsv")
+    return ()
+
+
+def model_fields(loaded: Loaded, total_params: int, scored: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Model identity and sizes in the shape `offcomp report` reads from result records, plus the
+    calibration data of the model and whether the `scored` files overlap it (offcomp.hygiene)."""
+    from offcomp.hygiene import contamination
+
+    rec: dict[str, Any] = {"model": loaded.info, **contamination(loaded.manifest, files=scored)}
     rep = (loaded.manifest or {}).get("report")
     if rep:
         rec.update(params_before=rep.get("params_before"), params_after=rep.get("params_after"),
@@ -515,7 +529,7 @@ def run_glue(
         "metric_names": list(GLUE_METRICS[spec.name]),
         "metrics": metrics,
         "pre_metrics": dict(pre_metrics or {}),
-        **model_fields(loaded, params["total"]),
+        **model_fields(loaded, params["total"], scored_files(data.source)),
         "data": {
             "name": f"glue/{spec.name}",
             "split": "+".join(data.evals),

@@ -30,6 +30,7 @@ from offcomp.eval.glue import (
     prepare_output_dir,
     read_glue_tsv,
     resolve_model,
+    scored_files,
     write_record,
 )
 from offcomp.eval.metrics import pearson, spearman
@@ -200,7 +201,7 @@ def run_sts(
         "metric_names": ["spearman", "pearson"],
         "metrics": {"spearman": spearman(sims, gold), "pearson": pearson(sims, gold), "n_pairs": n},
         "pre_metrics": dict(pre_metrics or {}),
-        **model_fields(loaded, param_counts(loaded.model)["total"]),
+        **model_fields(loaded, param_counts(loaded.model)["total"], scored_files(source)),
         "data": {"name": "glue/stsb", **source, "n_pairs": n, "max_eval_samples": max_eval_samples},
         "settings": settings,
         "seconds": time.perf_counter() - t_start,
