@@ -308,6 +308,10 @@ def compress(
 
     if (plan is None) == (method is None):
         raise OffcompError("give either --plan FILE or --method NAME (with --rank/--ratio/--cr)")
+    if out_dir is not None and not dry_run:  # before the statistics are read and hashed
+        from .checkpoint import prepare_out_dir
+
+        prepare_out_dir(out_dir, overwrite, sources=(model,))
     stats_data = None
     if stats is not None:
         from .capture import load_stats  # arrives with data-aware methods

@@ -81,6 +81,16 @@ def test_bad_output_path_is_refused_before_the_model_is_loaded_finding_8(command
     assert str(bad) in line and "is a file" in line
 
 
+
+def test_compress_checks_out_before_reading_statistics(tmp_path):
+    """`--stats` of a missing capture is an error too, but the bad --out is reported first."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = _commands(tmp_path / "no-such-model", blocker / "out", tmp_path)["compress"]
+    line = refused([*args, "--stats", str(tmp_path / "no-capture")])
+    assert "is a file" in line
+
+
 @pytest.mark.parametrize("command", ["compress", "capture", "finetune-glue", "squad", "eval-sts"])
 def test_output_inside_or_at_the_source_model_is_refused(command, llama_dir, tmp_path):
     for bad in (llama_dir, llama_dir / "out"):
