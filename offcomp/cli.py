@@ -570,6 +570,9 @@ MaxEval = Annotated[int | None, typer.Option(help="use only the first N evaluati
 Freeze = Annotated[bool, typer.Option(help="freeze the compressed modules' factors during fine-tuning")]
 Bf16 = Annotated[bool, typer.Option("--bf16", help="bf16 mixed precision (autocast; weights stay fp32)")]
 OutDir = Annotated[Path, typer.Option("--out", help="directory for metrics + protocol JSON and trainer state")]
+SaveModel = Annotated[bool, typer.Option(help="keep the fine-tuned model in OUT/model (compressed stays compressed)")]
+CkptSteps = Annotated[int | None, typer.Option(
+    help="Trainer checkpoint every N steps (default 500, 0: none); a re-run resumes from it")]
 
 
 def _finetune_args(defaults: Any, **overrides: Any) -> Any:
@@ -577,7 +580,8 @@ def _finetune_args(defaults: Any, **overrides: Any) -> Any:
 
     names = {"epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size", "grad_accum": "grad_accum",
              "max_length": "max_length", "seed": "seed", "max_steps": "max_steps",
-             "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples", "bf16": "bf16"}
+             "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples", "bf16": "bf16",
+             "checkpoint_steps": "checkpoint_steps"}
     return dataclasses.replace(defaults, **{names[k]: v for k, v in overrides.items() if v is not None})
 
 
@@ -603,6 +607,8 @@ def finetune_glue(
     max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     freeze_compressed: Freeze = False,
     bf16: Bf16 = False,
+    save_model: SaveModel = False,
+    checkpoint_steps: CkptSteps = None,
     device: Device = "cpu",
     no_verify: NoVerify = False,
     as_json: Json = False,
@@ -612,10 +618,12 @@ def finetune_glue(
 
     args = _finetune_args(GLUE_DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                           max_length=max_length, seed=seed, max_steps=max_steps,
-                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, bf16=bf16 or None)
+                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, bf16=bf16 or None,
+                          checkpoint_steps=checkpoint_steps)
     with rich_progress() as progress:
         rec = run_glue(model, task, data_dir=data_dir, output_dir=out_dir, args=args,
-                       freeze_compressed=freeze_compressed, device=device, progress=progress, verify=not no_verify)
+                       freeze_compressed=freeze_compressed, device=device, progress=progress, verify=not no_verify,
+                       save_model=save_model)
     warn_contaminated(rec)
     emit(rec, as_json, _metrics_table(f"{task}: {model}", rec))
 
@@ -634,6 +642,8 @@ def squad(
     doc_stride: int = 128,
     freeze_compressed: Freeze = False,
     bf16: Bf16 = False,
+    save_model: SaveModel = False,
+    checkpoint_steps: CkptSteps = None,
     device: Device = "cpu",
     no_verify: NoVerify = False,
     as_json: Json = False,
@@ -643,11 +653,12 @@ def squad(
 
     args = _finetune_args(SQUAD_DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                           max_length=max_length, seed=seed, max_steps=max_steps,
-                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, bf16=bf16 or None)
+                          max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, bf16=bf16 or None,
+                          checkpoint_steps=checkpoint_steps)
     with rich_progress() as progress:
         rec = run_squad(model, train_file=train_file, dev_file=dev_file, split_dev=split_dev, output_dir=out_dir,
                         args=args, doc_stride=doc_stride, freeze_compressed=freeze_compressed, device=device,
-                        progress=progress, verify=not no_verify)
+                        progress=progress, verify=not no_verify, save_model=save_model)
     warn_contaminated(rec)
     emit(rec, as_json, _metrics_table(f"SQuAD v1.1: {model}", rec))
 

@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from offcomp.errors import OffcompError
+from offcomp.eval import finetuned
 from offcomp.eval.metrics import GLUE_METRICS, glue_metrics
 from offcomp.layers import CompressedModule
 from offcomp.models import file_sha256, load_model, state_dict_sha256
@@ -98,6 +99,7 @@ class FinetuneArgs:
     max_eval_samples: int | None = None  # first N examples of each eval split
     logging_steps: int = 50
     bf16: bool = False  # bf16 autocast (Trainer mixed precision); weights and optimizer stay fp32
+    checkpoint_steps: int = 500  # a Trainer checkpoint in --out every N steps, to resume from (0: none)
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "grad_accum", "eval_batch_size", "logging_steps"):
@@ -107,6 +109,8 @@ class FinetuneArgs:
             raise OffcompError("learning rate and epochs must be positive")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise OffcompError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.checkpoint_steps < 0:
+            raise OffcompError(f"checkpoint_steps must be >= 0, got {self.checkpoint_steps}")
         for name in ("max_train_samples", "max_eval_samples"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -384,14 +388,16 @@ class _Progress(TrainerCallback):
 
 def make_trainer(model, tokenizer, train_set, out: Path, args: FinetuneArgs, device: str,
                  progress: ProgressFn | None, collator: Any = None) -> Trainer:
-    """A Trainer that saves nothing, prints nothing and, on CPU, uses gloo under torchrun."""
+    """A Trainer that prints nothing, saves only checkpoints to resume from (the last one, every
+    `checkpoint_steps`) and, on CPU, uses gloo under torchrun."""
     targs = TrainingArguments(
-        output_dir=str(out),  # nothing is saved there (save_strategy="no"); the record goes next to it
+        output_dir=str(out),  # checkpoint-N (see eval/finetuned.py); the record goes next to them
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.learning_rate,
         num_train_epochs=args.epochs, max_steps=args.max_steps, weight_decay=args.weight_decay,
         warmup_steps=float(args.warmup_ratio), lr_scheduler_type="linear", seed=args.seed, data_seed=args.seed,
-        save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=args.logging_steps,
+        save_strategy="steps" if args.checkpoint_steps else "no", save_steps=args.checkpoint_steps or 500,
+        save_total_limit=1, eval_strategy="no", logging_strategy="steps", logging_steps=args.logging_steps,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, bf16=args.bf16,
         use_cpu=device == "cpu", ddp_backend="gloo" if device == "cpu" and world_size() > 1 else None,
         # Classification/QA losses are per-example means: with token averaging on, Trainer scales the
@@ -477,8 +483,12 @@ def run_glue(
     dtype: torch.dtype = torch.float32,
     progress: ProgressFn | None = None,
     verify: bool = True,
+    save_model: bool = False,
 ) -> dict:
     """Fine-tune `model` on one GLUE task, score its dev set(s) and write `glue-<task>.json`.
+
+    A re-run after an interruption resumes from the Trainer checkpoints in `output_dir`;
+    `save_model` keeps the fine-tuned model in `output_dir/model` (see eval/finetuned.py).
 
     `model` is a name/path (an embedded name, HF id or dir, or an offcomp compressed dir: loaded
     with a fresh sequence-classification head) or an already-built classification model, in
@@ -506,9 +516,12 @@ def run_glue(
     train_set = encode(data.train, args.max_train_samples)
     eval_sets = {name: encode(split, args.max_eval_samples) for name, split in data.evals.items()}
     trainer = make_trainer(loaded.model, loaded.tokenizer, train_set, out, args, device, progress)
+    hyper = {**dataclasses.asdict(args), "freeze_compressed": freeze_compressed}
 
     t0 = time.perf_counter()
-    train_out = trainer.train()
+    train_out, resumed = finetuned.train(trainer, out, {"task": spec.name, "model": loaded.info.get("sha256"),
+                                                        "data": data.source, "hyperparameters": hyper,
+                                                        "world_size": world_size()})
     train_time = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -540,12 +553,13 @@ def run_glue(
             "max_train_samples": args.max_train_samples,
             "max_eval_samples": args.max_eval_samples,
         },
-        "hyperparameters": {**dataclasses.asdict(args), "freeze_compressed": freeze_compressed},
+        "hyperparameters": hyper,
         "params": {**params, "frozen_compressed": frozen},
         **train_summary(trainer, train_out),
+        "resumed_from": resumed and Path(resumed).name,
         "seconds": time.perf_counter() - t_start,
         "wall_time_s": {"train": train_time, "eval": eval_time},
         **environment(device, dtype),
     }
-    write_record(trainer, out / f"glue-{spec.name}.json", record)
+    finetuned.finish(trainer, out, record, f"glue-{spec.name}.json", save_model, loaded, "sequence-classification")
     return record

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from offcomp.errors import OffcompError
+from offcomp.eval import finetuned
 from offcomp.eval.glue import (
     FinetuneArgs,
     environment,
@@ -38,7 +39,6 @@ from offcomp.eval.glue import (
     scored_files,
     set_seed,
     train_summary,
-    write_record,
 )
 from offcomp.eval.metrics import squad_scores
 from offcomp.models import file_sha256
@@ -262,8 +262,12 @@ def run_squad(
     dtype: torch.dtype = torch.float32,
     progress: ProgressFn | None = None,
     verify: bool = True,
+    save_model: bool = False,
 ) -> dict:
     """Fine-tune `model` for SQuAD v1.1, score official EM/F1 and write `squad.json` (rank 0).
+
+    A re-run after an interruption resumes from the Trainer checkpoints in `output_dir`;
+    `save_model` keeps the fine-tuned model in `output_dir/model` (see eval/finetuned.py).
 
     `model` is a name/path (loaded with a fresh QA head) or a built QA model plus `tokenizer`.
     `args.max_train_samples` / `max_eval_samples` keep the first N questions (quick runs).
@@ -285,8 +289,12 @@ def run_squad(
     eval_set, example_idx, offsets = prepare_eval_features(tok, eval_ex, args.max_length, doc_stride)
     trainer = make_trainer(loaded.model, tok, train_set, out, args, device, progress,
                            collator=_PadRight(tok.pad_token_id))
+    hyper = {**dataclasses.asdict(args), "doc_stride": doc_stride, "n_best": n_best,
+             "max_answer_length": max_answer_length, "freeze_compressed": freeze_compressed}
     t0 = time.perf_counter()
-    train_out = trainer.train()
+    train_out, resumed = finetuned.train(trainer, out, {"task": "squad_v1.1", "model": loaded.info.get("sha256"),
+                                                        "data": data.source, "hyperparameters": hyper,
+                                                        "world_size": trainer.args.world_size})
     train_time = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -297,8 +305,6 @@ def run_squad(
     metrics = squad_scores(answers, {e["id"]: e["answers"]["text"] for e in eval_ex})
     eval_time = time.perf_counter() - t0
 
-    hyper = {**dataclasses.asdict(args), "doc_stride": doc_stride, "n_best": n_best,
-             "max_answer_length": max_answer_length, "freeze_compressed": freeze_compressed}
     record = {
         "type": "squad",
         "task": "squad_v1.1",
@@ -313,9 +319,10 @@ def run_squad(
         "hyperparameters": hyper,
         "params": {**params, "frozen_compressed": frozen},
         **train_summary(trainer, train_out),
+        "resumed_from": resumed and Path(resumed).name,
         "seconds": time.perf_counter() - t_start,
         "wall_time_s": {"train": train_time, "eval": eval_time},
         **environment(device, dtype),
     }
-    write_record(trainer, out / "squad.json", record)
+    finetuned.finish(trainer, out, record, "squad.json", save_model, loaded, "question-answering")
     return record
