@@ -380,16 +380,16 @@ def find_superset(root: Path, material: dict[str, Any], verify: bool = True) -> 
     what is asked for (e.g. Gram + Fisher when only Gram is needed), so nothing is computed twice."""
     want = material["what"]
     for meta_file in sorted(root.glob(f"*/{META}")) if root.is_dir() else []:
-        meta = trusted_meta(meta_file.parent, verify)
-        if meta is None:
+        try:  # a cheap look first; only a candidate that fits has its files hashed
+            have = json.loads(meta_file.read_text())["key_material"]
+            same = all(have.get(k) == v for k, v in material.items() if k not in ("what", "modules"))
+            covers = (set(material["modules"]) <= set(have.get("modules", []))
+                      and all(have["what"].get(p) or not want[p] for p in ("gram", "fisher", "fisher_full"))
+                      and (not want["blocks"] or (have["what"].get("blocks") == want["blocks"]
+                                                  and have["what"].get("block_dtype") == want["block_dtype"])))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        have = meta["key_material"]
-        same = all(have.get(k) == v for k, v in material.items() if k not in ("what", "modules"))
-        covers = (set(material["modules"]) <= set(have.get("modules", []))
-                  and all(have["what"].get(p) or not want[p] for p in ("gram", "fisher", "fisher_full"))
-                  and (not want["blocks"] or (have["what"].get("blocks") == want["blocks"]
-                                              and have["what"].get("block_dtype") == want["block_dtype"])))
-        if same and covers:
+        if same and covers and (meta := trusted_meta(meta_file.parent, verify)) is not None:
             return CaptureResult(meta_file.parent, meta, True)
     return None
 

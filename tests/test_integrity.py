@@ -321,3 +321,16 @@ def test_altered_capture_cache_is_recomputed_not_reused(llama_dir, tmp_path):
     assert not again.reused and again.path == first.path
     restored = load_file(again.path / "stats.safetensors")
     assert all(torch.equal(restored[k], good[k]) for k in good)
+
+
+def test_damaged_superset_capture_is_not_reused(llama_dir, tmp_path):
+    """A Gram+Fisher capture serves a later Gram-only request, but not once its statistics changed."""
+    full = run_capture(str(llama_dir), "embedded", "validation", CaptureSpec(samples=2, seq_len=16), root=tmp_path)
+    gram_only = CaptureSpec(samples=2, seq_len=16, fisher=False)
+    assert run_capture(str(llama_dir), "embedded", "validation", gram_only, root=tmp_path).path == full.path
+    stats_file = full.path / "stats.safetensors"
+    zeroed = {k: torch.zeros_like(v) for k, v in load_file(stats_file).items()}
+    save_file(zeroed, stats_file, metadata={"format": "offcomp-capture", "key": full.meta["key"]})
+    fresh = run_capture(str(llama_dir), "embedded", "validation", gram_only, root=tmp_path)
+    assert not fresh.reused and fresh.path != full.path
+    assert all(v.abs().sum() > 0 for k, v in load_file(fresh.path / "stats.safetensors").items() if k.endswith("xtx"))
