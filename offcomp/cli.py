@@ -218,6 +218,11 @@ def rich_progress() -> Iterator[Callable[[str, int, int], None]]:
         yield progress
 
 
+def warn_line(message: str) -> None:
+    """One yellow line on stderr (never on stdout: --json keeps it for the result)."""
+    err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def emit(result: dict[str, Any], as_json: bool, table: Table | None = None) -> None:
     """Print the result (one strict JSON object with --json, else the table); a result that holds a
     non-finite number is printed and recorded, then the command exits with EXIT_NON_FINITE."""
@@ -265,7 +270,8 @@ def modular_section(epochs: int | None, mode: str | None) -> dict[str, Any] | No
 @user_errors
 def compress(
     model: Model = "smollm2-135m",
-    plan: Annotated[Path | None, typer.Option(help="plan file (YAML/JSON); or --method for one group")] = None,
+    plan: Annotated[Path | None, typer.Option(
+        help="plan file (YAML/JSON) or a shipped plan's name (`offcomp plans`); or --method")] = None,
     method: Annotated[str | None, typer.Option(help="quick form: method of a one-group plan")] = None,
     rank: Annotated[int | None, typer.Option(help="quick form: rank")] = None,
     ratio: Annotated[float | None, typer.Option(help="quick form: fraction of parameters kept")] = None,
@@ -342,7 +348,7 @@ def compress(
         result = compress_model(model, the_plan, out_dir, device=device, seed=seed, stats=stats_data, calib=calib,
                                 valid=valid,
                                 overwrite=overwrite, dry_run=dry_run, trust_remote_code=trust_remote_code,
-                                plan_source=source, progress=progress, verify=not no_verify)
+                                plan_source=source, progress=progress, verify=not no_verify, warn=warn_line)
     table = Table(title=f"{'dry run: ' if dry_run else ''}{model} → {out_dir or '-'}")
     for col in ("group", "method", "modules", "mode", "hyper", "original", "stored", "max rel. error"):
         table.add_column(col)
@@ -494,18 +500,60 @@ def inspect(
 
 @app.command()
 @user_errors
-def methods() -> None:
-    """List the registered compression methods and their options."""
-    from .registry import available_methods, get_method
+def methods(
+    method: Annotated[str | None, typer.Argument(help="show this method with every option")] = None,
+) -> None:
+    """List the compression methods, or one method with every option."""
+    from .registry import available_methods, describe_method
 
-    table = Table(title="compression methods")
-    for c in ("method", "joint needs", "kinds", "needs stats", "options (default)"):
-        table.add_column(c)
+    if method is not None:
+        d = describe_method(method)
+        out.print(f"[bold]{d['name']}[/]: {escape(d['summary'])}", highlight=False)
+        out.print(f"statistics needed: {', '.join(d['needs_stats']) or 'none (data-free)'}; "
+                  f"compresses: {', '.join(d['kinds'])}; joint groups need matching {d['joint_shapes']}",
+                  highlight=False)
+        table = Table(title=f"options of {d['name']} (plan `options:` or `compress -o key=value`)",
+                      title_justify="left")
+        table.add_column("option", no_wrap=True)
+        table.add_column("type", overflow="fold")
+        table.add_column("default", overflow="fold")
+        table.add_column("description", overflow="fold", ratio=1)
+        for o in d["options"]:
+            table.add_row(o["name"], o["type"], json.dumps(o["default"]), o["description"] or "-")
+        out.print(table)
+        return
+    table = Table(title="compression methods (`offcomp methods NAME` for the options)", title_justify="left")
+    table.add_column("method", no_wrap=True)
+    table.add_column("statistics", overflow="fold")
+    table.add_column("what it does", overflow="fold", ratio=1)
     for name in available_methods():
-        m = get_method(name)
-        opts = ", ".join(f"{k}={f.default!r}" for k, f in m.Config.model_fields.items())
-        table.add_row(name, m.joint_shapes, ",".join(m.kinds), ",".join(m.needs_stats) or "-", opts or "-")
+        d = describe_method(name)
+        table.add_row(name, ",".join(d["needs_stats"]) or "-", d["summary"].split(". ")[0])
     out.print(table)
+
+
+@app.command()
+@user_errors
+def plans() -> None:
+    """List the sample plans shipped with offcomp (use one with --plan NAME)."""
+    from .plan import plan_description, shipped_plans
+
+    table = Table(title="shipped plans (`offcomp compress --plan NAME`)", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("description", overflow="fold", ratio=1)
+    for name, path in shipped_plans().items():
+        table.add_row(name, plan_description(path))
+    out.print(table)
+    out.print(f"files: {next(iter(shipped_plans().values())).parent}", highlight=False, soft_wrap=True)
+
+
+@app.command("plan-schema")
+@user_errors
+def plan_schema() -> None:
+    """Print the JSON schema of a plan (for editors: yaml-language-server, VS Code)."""
+    from .plan import Plan
+
+    sys.stdout.write(json.dumps(Plan.model_json_schema(), indent=2) + "\n")
 
 
 @app.command()

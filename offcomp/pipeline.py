@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,13 @@ def compress_model(
     plan_source: str | None = None,
     progress: ProgressFn | None = None,
     verify: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compress a named model by a plan and save the checkpoint; returns the manifest.
 
     `calib` ({"data", "split", "samples", "seq_len", "seed"}) captures the statistics the plan needs
-    on the fly (cached like `offcomp capture`); a plan with `allocate` gets its ranks first."""
+    on the fly (cached like `offcomp capture`); a plan with `allocate` gets its ranks first. `warn`
+    receives one line when the plan is valid but known to wreck the model (offcomp.advice)."""
     from .capture import capture_for_plan, check_stats_model, load_stats
 
     if out is None and not dry_run:
@@ -155,6 +158,12 @@ def compress_model(
 
         result = allocate_plan(bundle.model, plan, stats, progress=progress)
         run_plan, allocation = result.plan, {**result.record, "plan": result.plan.model_dump()}
+    if warn is not None and plan.modular is None:
+        from .advice import data_free_warning
+
+        advice = data_free_warning(plan_units(bundle.model, run_plan, stats), count_params(bundle.model), bundle.kind)
+        if advice:
+            warn(advice)
     if dry_run:
         return {"dry_run": True, "model": bundle.protocol(), "allocation": allocation, "units": [
             {"label": p.unit.label, "method": p.method.name, "names": p.unit.names, "joint": p.unit.joint,

@@ -118,9 +118,13 @@ class ModularConfig(BaseModel):
 
 
 class Plan(BaseModel):
+    """A compression plan: groups of modules, each with a method and a budget; optionally one
+    budget spread over them by sensitivity (`allocate`) and training after compression (`modular`)."""
+
     model_config = ConfigDict(extra="forbid")
 
     version: Literal[1] = 1
+    description: str | None = Field(None, description="one line on what the plan does (shown by `offcomp plans`)")
     allocate: Allocate | None = None
     modular: ModularConfig | None = None
     groups: list[Group] = Field(min_length=1)
@@ -221,11 +225,30 @@ MAX_PLAN_BYTES = 1 << 20  # a plan is a few groups; anything larger is not a pla
 MAX_PLAN_NESTING = 64  # a plan needs about 5 levels
 
 
+PLANS_DIR = Path(__file__).parent / "plans"  # the sample plans shipped with the package
+
+
+def shipped_plans() -> dict[str, Path]:
+    """Name (file stem) -> path of every plan shipped with offcomp."""
+    return {p.stem: p for p in sorted(PLANS_DIR.glob("*.yaml"))} | {
+        p.name: p for p in sorted(PLANS_DIR.glob("*.json"))}
+
+
+def plan_description(path: Path) -> str:
+    """A shipped plan's `description` (cheap: no validation)."""
+    raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    return str((raw or {}).get("description") or "-")
+
+
 def load_plan(path: str | Path) -> Plan:
-    """Read a YAML/JSON plan; every way the file can be unreadable is one OffcompError line."""
+    """Read a YAML/JSON plan, or a shipped plan by name (`offcomp plans`); every way the file can
+    be unreadable is one OffcompError line."""
     p = Path(path)
+    if not p.is_file() and str(path) in shipped_plans():
+        p = shipped_plans()[str(path)]
     if not p.is_file():
-        raise OffcompError(f"plan file not found: {p} (see sample_plans/ for examples)")
+        raise OffcompError(f"plan file not found: {p} (give a path, or a shipped plan: "
+                           f"{', '.join(shipped_plans())})")
     try:
         blob = p.read_bytes()
     except OSError as e:

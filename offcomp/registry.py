@@ -149,3 +149,29 @@ def check_rank(rank: int, per_rank: int, original: int, label: str) -> int:
             f"(saves nothing); use rank <= {be}"
         )
     return rank
+
+
+def _type_name(annotation: Any) -> str:
+    """`Literal["a", "b"]` -> a|b, `int | None` -> int|None: how `offcomp methods M` shows a type."""
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return "|".join(str(a) for a in args)
+    if args:
+        return "|".join(_type_name(a) for a in args)
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def describe_method(name: str) -> dict[str, Any]:
+    """A method's summary and every option (type, default, description), for `offcomp methods M`."""
+    m = get_method(name)
+    import sys
+
+    # each method file opens with "`name`: what it does ..." (its module docstring)
+    text = sys.modules[type(m).__module__].__doc__ or type(m).__doc__ or ""
+    doc = " ".join(text.split("\n\n")[0].split()).removeprefix(f"`{m.name}`: ")
+    options = [{"name": k, "type": _type_name(f.annotation), "default": f.get_default(call_default_factory=True),
+                "description": f.description or ""} for k, f in m.Config.model_fields.items()]
+    return {"name": m.name, "summary": doc, "needs_stats": list(m.needs_stats), "kinds": list(m.kinds),
+            "joint_shapes": m.joint_shapes, "options": options}

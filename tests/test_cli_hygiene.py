@@ -86,3 +86,73 @@ def test_export_needs_no_dense_flag(tmp_path, bert_tokenizer):
     assert (tmp_path / "plain" / "config.json").is_file()
     res = CliRunner().invoke(app, ["export", "--dense", str(tmp_path / "ck"), str(tmp_path / "plain2")])
     assert res.exit_code == 0, res.output  # the old spelling still works
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, bert_tokenizer):
+    # a small vocabulary, so that the block linears are most of the model, as in a real decoder
+    return save_model_dir(tiny_llama(vocab_size=128), bert_tokenizer, tmp_path_factory.mktemp("m") / "tiny-llama")
+
+
+@pytest.mark.parametrize(("args", "warned"), [
+    (["--method", "svd", "--ratio", "0.5"], True),  # every block linear, data-free: the README's 1e4-1e8 case
+    (["--method", "svd", "--ratio", "0.95"], False),  # keeps more than 90 %
+    (["--method", "svd", "--ratio", "0.5", "--modules", "attn.k"], False),  # a small share of the model
+    (["--plan", "decoder-ratio-0.8"], True),  # a shipped plan, by name
+])
+def test_data_free_warning_on_decoders(llama_dir, args, warned):
+    res = CliRunner().invoke(app, ["compress", "--model", str(llama_dir), *args, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == int(warned)
+    if warned:
+        assert "decoder-ratio-0.8-svdllm-modular" in res.stderr and "--calib-data" in res.stderr
+
+
+def test_shipped_plans_listed_and_loadable_by_name():
+    from offcomp.plan import PLANS_DIR, load_plan, shipped_plans
+
+    res = CliRunner().invoke(app, ["plans"])
+    assert res.exit_code == 0, res.output
+    names = shipped_plans()
+    assert {"demo-svd", "decoder-ratio-0.8-svdllm-modular", "ffn-joint-cr10"} <= set(names)
+    for name, path in names.items():
+        assert name in res.stdout and path.parent == PLANS_DIR
+        assert load_plan(name).description, f"{name} has no description"
+    assert load_plan("demo-svd") == load_plan("sample_plans/demo-svd.yaml")  # the repo path still works
+    with pytest.raises(offcomp.OffcompError, match="shipped plan: .*demo-svd"):
+        load_plan("no-such-plan")
+
+
+def test_plans_are_package_data():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    cfg = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "plans/*.yaml" in cfg["tool"]["setuptools"]["package-data"]["offcomp"]
+
+
+def test_methods_one_method_every_option_described():
+    from offcomp.registry import available_methods, describe_method
+
+    for name in available_methods():
+        d = describe_method(name)
+        assert d["summary"], name
+        missing = [o["name"] for o in d["options"] if not o["description"]]
+        assert not missing, f"{name}: options without a description: {missing}"
+    res = CliRunner().invoke(app, ["methods", "prune"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    for opt in ("score", "compare", "pattern", "magnitude|wanda", "Wanda"):
+        assert opt in res.stdout
+    assert max(len(ln) for ln in res.stdout.splitlines()) <= 80
+    res = CliRunner().invoke(app, ["methods", "nope"])
+    assert res.exit_code == 2 and "unknown method" in res.stderr
+
+
+def test_plan_schema_is_the_pydantic_schema():
+    import json
+
+    res = CliRunner().invoke(app, ["plan-schema"])
+    schema = json.loads(res.stdout)
+    assert schema == offcomp.Plan.model_json_schema()
+    assert {"groups", "allocate", "modular", "description"} <= set(schema["properties"])

@@ -20,7 +20,8 @@ from .lowrank import LowRankMethod, RightScaling, diag_scaling, unit_stats
 
 class ASVDConfig(MethodConfig):
     alpha: float = Field(0.5, ge=0, le=2, description="exponent of mean|x| in the column scaling")
-    compute_dtype: Literal["float64", "float32"] = "float64"
+    compute_dtype: Literal["float64", "float32"] = Field("float64",
+        description="precision of the decomposition (float64: exact LAPACK, float32: faster)")
     floor: float = Field(1e-6, gt=0, lt=1, description="channels below floor·max are lifted to it")
 
 

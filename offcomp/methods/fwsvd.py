@@ -22,9 +22,10 @@ from .lowrank import LowRankMethod
 
 
 class FWSVDConfig(MethodConfig):
-    compute_dtype: Literal["float64", "float32"] = "float64"
+    compute_dtype: Literal["float64", "float32"] = Field("float64",
+        description="precision of the decomposition (float64: exact LAPACK, float32: faster)")
     # Rows with (near) zero Fisher importance are lifted to floor·max so the weighting stays invertible.
-    floor: float = Field(1e-6, gt=0, lt=1)
+    floor: float = Field(1e-6, gt=0, lt=1, description="row weights below floor·max are lifted to it")
 
 
 def fisher_row_weights(unit: FitUnit, stats: Any, floor: float, log: Any = None) -> torch.Tensor:

@@ -44,7 +44,8 @@ from .util import torch_dtype
 class KroneckerConfig(RefineConfig):
     out_factors: tuple[int, int] | None = Field(None, description="(n1, n2) with n1·n2 >= out_features")
     in_factors: tuple[int, int] | None = Field(None, description="(m1, m2) with m1·m2 >= in_features")
-    compute_dtype: Literal["float64", "float32"] = "float64"
+    compute_dtype: Literal["float64", "float32"] = Field("float64",
+        description="precision of the decomposition (float64: exact LAPACK, float32: faster)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from ..errors import OffcompError
 from ..layers import CompressedModule
@@ -72,9 +72,12 @@ def pattern_nm(pattern: str) -> tuple[int, int]:
 
 
 class PruneConfig(MethodConfig):
-    score: Literal["magnitude", "wanda"] = "magnitude"
-    compare: Literal["unit", "row"] = "unit"
-    pattern: str | None = None  # "N:M": N zeros in every M consecutive inputs
+    score: Literal["magnitude", "wanda"] = Field("magnitude",
+        description="magnitude |W| or Wanda |W|·‖x‖ (needs act_sq)")
+    compare: Literal["unit", "row"] = Field("unit",
+        description="rank weights across the whole unit or within each output row")
+    pattern: str | None = Field(None,
+        description='"N:M": N zeros in every M consecutive inputs (fixes the kept fraction)')
 
     _pattern = field_validator("pattern", mode="before")(check_pattern)
 

@@ -64,8 +64,10 @@ from .prune import input_sq_norms
 
 
 class PruneStructuredConfig(MethodConfig):
-    score: Literal["magnitude", "wanda"] = "magnitude"
-    allocation: Literal["uniform", "global"] = "uniform"
+    score: Literal["magnitude", "wanda"] = Field("magnitude",
+        description="magnitude or Wanda (activation-aware) channel score")
+    allocation: Literal["uniform", "global"] = Field("uniform",
+        description="same share removed per layer, or ranked across layers")
     head_dim: int | None = Field(None, gt=0, description="unset: FFN neurons; set: attention heads of this size")
 
 

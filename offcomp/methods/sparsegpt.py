@@ -56,11 +56,11 @@ from .prune import build_masked, check_pattern, fill_masked, keep_exactly, patte
 
 
 class SparseGPTConfig(MethodConfig):
-    pattern: str | None = None  # "N:M": N zeros in every M consecutive inputs
+    pattern: str | None = Field(None, description='"N:M": N zeros in every M consecutive inputs')
     # Dampening added to H, as a fraction of its mean diagonal (the paper's 1 %).
-    damp: float = Field(0.01, ge=0, le=1)
+    damp: float = Field(0.01, ge=0, le=1, description="Hessian dampening, relative to its mean diagonal")
     # Columns per block: the unit of adaptive mask selection and of the lazy batch update.
-    block_size: int = Field(128, ge=1, le=65536)
+    block_size: int = Field(128, ge=1, le=65536, description="columns per block of mask selection and update")
 
     _pattern = field_validator("pattern", mode="before")(check_pattern)
 

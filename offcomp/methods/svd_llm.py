@@ -23,8 +23,8 @@ from .lowrank import LowRankMethod, RightScaling, gram_whitening, unit_stats
 class SVDLLMConfig(MethodConfig):
     # Ridge added to XᵀX as a fraction of its mean diagonal before whitening (0 = the paper's method);
     # a little damping trades calibration fit for robustness on unseen text.
-    damp: float = Field(0.0, ge=0, le=1)
-    compute_dtype: Literal["float64"] = "float64"
+    damp: float = Field(0.0, ge=0, le=1, description="added to the Gram diagonal, relative to its mean (0: none)")
+    compute_dtype: Literal["float64"] = Field("float64", description="precision of the whitening and SVD")
 
 
 def unit_whitening(unit: FitUnit, stats: Any, damp: float, log: Any = None) -> RightScaling:

@@ -52,7 +52,8 @@ class TuckerConfig(RefineConfig):
     head_dim: int | None = Field(None, ge=1, description="size of one head (hidden_size / num_attention_heads)")
     split: Literal["out", "in"] = Field("out", description="which dimension holds the heads: out (q/k/v), in (o)")
     rank_power: float = Field(0.5, ge=0, le=1, description="budget rule: ranks ∝ mode size ** rank_power")
-    compute_dtype: Literal["float64", "float32"] = "float64"
+    compute_dtype: Literal["float64", "float32"] = Field("float64",
+        description="precision of the decomposition (float64: exact LAPACK, float32: faster)")
     n_iter_max: int = Field(100, ge=1, description="HOOI iterations at most")
     tol: float = Field(1e-4, gt=0, description="HOOI stops when the relative error changes less than this")
 
