@@ -30,14 +30,19 @@ test: setup lint
 test-fast: setup
 	$(BIN)/pytest -q -m "not e2e"
 
-# The main job on the embedded default: SVD-compress smollm2-135m, then compare dense and compressed
-# perplexity on the embedded corpus (CPython's English reference text; no download needed).
+# What offcomp is for, on the embedded model and corpus (CPython's English reference text; no
+# download): at one budget (80 % of every decoder linear), dense vs plain SVD vs the data-aware
+# recipe calibrated on the corpus's validation half (disjoint from the test half it is scored on),
+# then the comparison table and its figure (runs/demo/figures/*.png).
+DEMO_CALIB ?= --calib-data embedded --calib-split validation --calib-samples 16 --calib-seq-len 512
 demo: setup
-	$(BIN)/offcomp compress --model smollm2-135m --plan sample_plans/demo-svd.yaml --out $(RUNS)/demo/smollm2-svd --overwrite
-	rm -f $(RUNS)/demo/smollm2-dense/results.jsonl
-	$(BIN)/offcomp eval-ppl smollm2-135m --data embedded --max-tokens $(DEMO_TOKENS) --results $(RUNS)/demo/smollm2-dense/results.jsonl
-	$(BIN)/offcomp eval-ppl $(RUNS)/demo/smollm2-svd --data embedded --max-tokens $(DEMO_TOKENS)
-	$(BIN)/offcomp report $(RUNS)/demo
+	rm -f $(RUNS)/demo/dense/results.jsonl
+	$(BIN)/offcomp eval-ppl smollm2-135m --data embedded --max-tokens $(DEMO_TOKENS) --results $(RUNS)/demo/dense/results.jsonl
+	$(BIN)/offcomp compress --model smollm2-135m --plan decoder-ratio-0.8 --out $(RUNS)/demo/svd --overwrite
+	$(BIN)/offcomp eval-ppl $(RUNS)/demo/svd --data embedded --max-tokens $(DEMO_TOKENS)
+	$(BIN)/offcomp compress --model smollm2-135m --plan demo-data-aware $(DEMO_CALIB) --out $(RUNS)/demo/data-aware --overwrite
+	$(BIN)/offcomp eval-ppl $(RUNS)/demo/data-aware --data embedded --max-tokens $(DEMO_TOKENS)
+	$(BIN)/offcomp report $(RUNS)/demo --plot $(RUNS)/demo/figures
 
 clean:
 	rm -rf $(VENV) $(RUNS)/demo .pytest_cache .ruff_cache

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .errors import OffcompError
 from .plan import Plan, expand_plan
-from .progress import ProgressFn, no_progress
+from .progress import ProgressFn, no_progress, with_info
 from .registry import FitContext, FitUnit, Method, get_method
 from .swap import discover, fused, install, linear_view
 
@@ -322,7 +322,7 @@ def compress_(
     interrupted run already fitted; each unit is seeded `seed + i`, so skipping some changes nothing."""
     t0 = time.perf_counter()
     planned = plan_units(model, plan, stats)
-    progress = progress or no_progress
+    progress = with_info(progress or no_progress)  # methods may add {"loss": ...}; a 3-argument callback works
     acc = accounting(model, planned)
     report = CompressReport(params_before=count_params(model), compressed_original_params=acc.removed)
     # The untied copy is stored too, so it counts against the savings.

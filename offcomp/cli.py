@@ -21,11 +21,11 @@ from typing import IO, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
 from .errors import EXIT_INTERNAL, EXIT_NON_FINITE, EXIT_USER, OffcompError
+from .progress import ProgressFn
 from .records import NON_FINITE, dumps, has_non_finite, strict
 
 EXIT_CODES = (f"Exit codes: 0 success; {EXIT_INTERNAL} internal error (one line; --debug or OFFCOMP_DEBUG=1 "
@@ -206,15 +206,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def rich_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A ProgressFn backed by rich bars on stderr, one bar per label."""
-    tasks: dict[str, Any] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=False) as bar:
-        def progress(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done, total=total)
+def rich_progress() -> Iterator[ProgressFn]:
+    """The ProgressFn of a command: one transient line on stderr (offcomp.terminal)."""
+    from .terminal import progress_display
+
+    with progress_display(err) as progress:
         yield progress
 
 
@@ -550,7 +546,7 @@ def plans() -> None:
 @app.command("plan-schema")
 @user_errors
 def plan_schema() -> None:
-    """Print the JSON schema of a plan (for editors: yaml-language-server, VS Code)."""
+    """Print the plan JSON schema, for editors such as the YAML language server."""
     from .plan import Plan
 
     sys.stdout.write(json.dumps(Plan.model_json_schema(), indent=2) + "\n")

@@ -42,7 +42,7 @@ import torch.nn as nn
 from .errors import OffcompError
 from .layers import CompressedModule
 from .plan import ModularConfig
-from .progress import ProgressFn, no_progress
+from .progress import ProgressFn, no_progress, with_info
 from .swap import discover, layer_list
 
 
@@ -199,7 +199,8 @@ def train_block(teacher: nn.Module, student: nn.Module, io: dict[str, Any], para
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                progress(f"modular {label}", (epoch - 1) * len(order) + step + 1, cfg.epochs * len(order))
+                progress(f"modular {label}", (epoch - 1) * len(order) + step + 1, cfg.epochs * len(order),
+                         {"loss": float(loss.detach())})
             score = held_out()
             if score < best:
                 best, best_epoch = score, epoch
@@ -231,7 +232,7 @@ def modular_train(
 
     `resume` (an `offcomp.resume.PartialStore`) keeps each trained layer with the generator state
     after it; layers an interrupted run already trained are loaded, not trained again."""
-    progress = progress or no_progress
+    progress = with_info(progress or no_progress)  # a three-argument callback still works
     log = log or (lambda msg: None)
     dev = torch.device(device)
     t_layers, s_layers = _layer_list(teacher), _layer_list(student)

@@ -1,4 +1,5 @@
-"""Terminal rendering for the CLI (rich): comparison tables that fit the terminal width.
+"""Terminal rendering for the CLI (rich): comparison tables that fit the terminal width, and the
+one progress line of a command.
 
 Numbers never wrap (a split `134,515` / `,008` reads as two numbers); text columns wrap, and when
 even that does not fit, the least important columns go first. `--wide` and the file formats keep
@@ -6,13 +7,17 @@ every column."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column, Table
 from rich.text import Text
 
+from .progress import ProgressFn
 from .report import ReportTable, fmt_value, protocol_line
 
 # key, short header, priority (lower stays longer); path and plan only with --wide
@@ -119,3 +124,28 @@ def print_tables(tables: list[ReportTable], console: Console, wide: bool = False
         for line in _notes(t):
             console.print(line, style="dim", highlight=False, markup=False,
                           width=None if not wide else max(80, len(line)))
+
+
+@contextlib.contextmanager
+def progress_display(console: Console) -> Iterator[ProgressFn]:
+    """One transient progress line for a whole command: what runs now, its bar, steps, elapsed and
+    remaining time of the current stage, and the live loss of trained methods. A new stage (another
+    total, or a count going back) restarts the line instead of stacking bars; nothing is left behind
+    when the command ends, and nothing is drawn when stderr is not a terminal (logs, pipes, CI)."""
+    columns = (TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+               BarColumn(bar_width=16), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal,
+                  expand=True) as bar:
+        task = bar.add_task("", total=None, info="")
+        state = {"total": None, "done": -1}
+
+        def progress(label: str, done: int, total: int, info: dict[str, float] | None = None, /) -> None:
+            text = " ".join(f"{k} {v:.4g}" for k, v in (info or {}).items())
+            if total != state["total"] or done < state["done"]:  # a new stage: its own time estimate
+                bar.reset(task, total=total, completed=done, description=label, info=text)
+            else:
+                bar.update(task, completed=done, description=label, info=text)
+            state.update(total=total, done=done)
+
+        yield progress

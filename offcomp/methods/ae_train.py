@@ -230,7 +230,7 @@ def train_autoencoder(
             opt.step()
             total += float(loss.detach()) * len(idx)
         sched.step()
-        ctx.progress(f"{label}: training", epoch + 1, spec.epochs)
+        ctx.progress(f"{label}: training", epoch + 1, spec.epochs, {"loss": total / n})
         if (epoch + 1) % spec.validate_every and epoch + 1 != spec.epochs:
             ctx.log(f"{label}: epoch {epoch + 1} loss {total / n:.5f}")
             continue
