@@ -29,11 +29,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .api import with_slice_stats
 from .errors import OffcompError
 from .plan import Budget, Group, Plan, expand_plan
 from .progress import ProgressFn, no_progress
 from .registry import FitUnit, get_method
-from .swap import discover, linear_view
+from .swap import discover, module_view
 
 CRITERION_STAT = {"whitened": "xtx", "fisher": "fisher_row", "weight": None}
 
@@ -125,6 +126,7 @@ def allocate_plan(
     progress = progress or no_progress
     structure = discover(model)
     groups = expand_plan(plan, list(structure.modules), structure.roles())
+    stats = with_slice_stats(stats, structure)
     total_original = fixed_stored = 0
     units: list[_Unit] = []
     free = {g.index for g in groups if g.group.rank is None and g.group.ratio is None and g.group.cr is None}
@@ -152,7 +154,7 @@ def allocate_plan(
             raise OffcompError(f"group {g.label!r}: {names[0]} cannot be factored at rank {alloc.min_rank} "
                                "and save parameters")
         progress("allocate: spectra", len(units), n_free)
-        weights = [linear_view(model.get_submodule(n)).weight for n in names]
+        weights = [module_view(model, n).weight for n in names]
         energy = unit_energy(weights, names, alloc.criterion, stats, g.label, log)
         units.append(_Unit(g.index, g.label, names, shapes, g.group.joint, per_rank, max_rank, energy))
     budget = int(alloc.ratio * total_original) - fixed_stored

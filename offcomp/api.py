@@ -17,7 +17,7 @@ from .errors import OffcompError
 from .plan import Plan, expand_plan
 from .progress import ProgressFn, no_progress, with_info
 from .registry import FitContext, FitUnit, Method, get_method
-from .swap import discover, fused, install, linear_view
+from .swap import SLICE, discover, fused, install, module_view
 
 
 @dataclass
@@ -86,6 +86,12 @@ def plan_units(
     """Expand and validate a plan against a model; returns what would be fitted, touching nothing."""
     structure = discover(model)
     groups = expand_plan(plan, list(structure.modules), structure.roles())
+    picked = {n for g in groups for n in g.names}
+    both = sorted(n for n in picked if SLICE in n and n.partition(SLICE)[0] in picked)
+    if both:
+        raise OffcompError(f"{both[0]} is a row slice of {both[0].partition(SLICE)[0]}, which the plan also "
+                           "compresses whole; choose the fused module or its slices")
+    stats = with_slice_stats(stats, structure)
     planned: list[PlannedUnit] = []
     head_dim = _head_dim(model)
     for g in groups:
@@ -176,9 +182,9 @@ def _untie_list(model: nn.Module, names: set[str]) -> list[tuple[str, bool]]:
 def accounting(model: nn.Module, planned: list[PlannedUnit]) -> Accounting:
     names = {n for p in planned for n in p.unit.names}
     unique: dict[int, int] = {}
-    for n in names:
-        w = model.get_submodule(n).weight
-        unique[id(w)] = w.numel()
+    views = [module_view(model, n) for n in names]  # kept alive: ids of freed views would be reused
+    for v in views:
+        unique[id(v.weight)] = v.weight.numel()
     copied = 0
     for n, with_bias in _untie_list(model, names):
         mod = model.get_submodule(n)
@@ -187,7 +193,7 @@ def accounting(model: nn.Module, planned: list[PlannedUnit]) -> Accounting:
     # is also `cls.predictions.bias`) is stored twice from then on
     shares = _shares(model)
     for n in names:
-        bias = getattr(model.get_submodule(n), "bias", None)
+        bias = getattr(module_view(model, n), "bias", None)
         if isinstance(bias, nn.Parameter) and shares.get(id(bias), 0) > 1:
             copied += bias.numel()
     ties = tuple(tuple(t) for t in _weight_owners(model).values() if len(t) > 1 and any(n in names for n in t))
@@ -205,6 +211,21 @@ def check_savings(model: nn.Module, planned: list[PlannedUnit]) -> None:
     raise OffcompError(
         f"the plan saves nothing: it replaces {acc.removed:,} stored parameters by {acc.stored:,}{copy}{tie}; "
         "lower the budgets, or compress every module that shares a tied weight together")
+
+
+def with_slice_stats(stats: Any, structure: Any) -> Any:
+    """Statistics for row slices of fused projections, from the fused module's: a slice reads the
+    same input (Gram, mean |x| unchanged), its Fisher rows are the module's rows of the slice."""
+    if not stats or not structure.slices:
+        return stats
+    import copy
+
+    out = copy.copy(stats)
+    for name, (owner, a, b) in structure.slices.items():
+        if owner in stats and name not in stats:
+            d = stats[owner]
+            out[name] = {**d, **{k: d[k][a:b] for k in ("fisher_row", "fisher") if k in d}}
+    return out
 
 
 def _head_dim(model: nn.Module) -> int | None:
@@ -321,6 +342,7 @@ def compress_(
     `resume` (an `offcomp.resume.PartialStore`) keeps every fitted unit and hands back those an
     interrupted run already fitted; each unit is seeded `seed + i`, so skipping some changes nothing."""
     t0 = time.perf_counter()
+    stats = with_slice_stats(stats, discover(model))
     planned = plan_units(model, plan, stats)
     progress = with_info(progress or no_progress)  # methods may add {"loss": ...}; a 3-argument callback works
     acc = accounting(model, planned)
@@ -332,7 +354,7 @@ def compress_(
     dev = torch.device(device) if device else next(model.parameters()).device
     for i, p in enumerate(planned):
         progress(f"fitting {p.unit.label} ({p.method.name})", i, len(planned))
-        originals = [linear_view(model.get_submodule(n)) for n in p.unit.names]
+        originals = [module_view(model, n) for n in p.unit.names]
         if resume is not None and _resume_unit(model, i, p, originals, resume, report):
             continue
         weights = [o.weight.detach().clone() for o in originals]

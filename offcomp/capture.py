@@ -441,6 +441,7 @@ def capture_for_plan(bundle: Any, plan: Any, data: str, split: str = "validation
     table = list(structure.modules)
     kinds = {m.name: m.kind for m in table}
     names = [n for g in expand_plan(plan, table, structure.roles()) for n in g.names if kinds[n] == "linear"]
+    names = list(dict.fromkeys(n.partition(":")[0] for n in names))  # a fused module's slices: the module
     default = select_inputs(bundle.model)
     spec = CaptureSpec.for_keys(stat_keys(plan) | {"xtx"}, samples=samples, seq_len=seq_len, seed=seed)
     return run_capture(bundle, data, split, spec, root=root, device=device, progress=progress,

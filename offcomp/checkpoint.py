@@ -36,7 +36,7 @@ from .integrity import hash_files, read_json, seal, verify_document, verify_file
 from .plan import Budget
 from .records import dumps
 from .registry import FitUnit, get_method
-from .swap import densify_, install, linear_view
+from .swap import densify_, install, module_view
 
 FORMAT_VERSION = 1
 MANIFEST = "offcomp.json"
@@ -280,7 +280,7 @@ def rebuild_units(model: nn.Module, units: list[dict[str, Any]], rename: Any = l
     for u in units:
         names = [rename(n) for n in u["names"]]
         try:
-            originals = [linear_view(model.get_submodule(n)) for n in names]
+            originals = [module_view(model, n) for n in names]
         except AttributeError:
             skipped.append(u["label"])  # e.g. an LM head unit when loading with a task head
             continue

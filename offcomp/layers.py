@@ -97,3 +97,47 @@ class LowRankEmbedding(CompressedModule):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+
+
+class FusedSlices(CompressedModule):
+    """A fused projection (q/k/v or gate/up rows in one matrix) held as one module per row slice,
+    so each slice can be compressed on its own (a plan role like `attn.qkv:k`). The output is the
+    slices' outputs concatenated in row order, as the fused matrix computed it. Slices nobody
+    compressed stay plain nn.Linear parts holding their rows."""
+
+    def __init__(self, parts: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.order = list(parts)
+        self.parts = nn.ModuleDict(parts)
+
+    @classmethod
+    def split(cls, weight: torch.Tensor, bias: torch.Tensor | None, rows: dict[str, tuple[int, int]]) -> FusedSlices:
+        parts: dict[str, nn.Module] = {}
+        for k, (a, b) in rows.items():
+            lin = nn.Linear(weight.shape[1], b - a, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+            lin.weight = nn.Parameter(weight.detach()[a:b].clone())
+            if bias is not None:
+                lin.bias = nn.Parameter(bias.detach()[a:b].clone())
+            parts[k] = lin
+        return cls(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.parts[k](x) for k in self.order], dim=-1)
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.cat([p.to_dense() if isinstance(p, CompressedModule) else p.weight for p in self.parts.values()])
+
+    def dense_module(self) -> nn.Module:
+        w = self.to_dense().detach()
+        biases = [getattr(p, "bias", None) for p in self.parts.values()]
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=any(b is not None for b in biases), device=w.device,
+                        dtype=w.dtype)
+        lin.weight = nn.Parameter(w.clone())
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(torch.cat([b.detach() if b is not None else w.new_zeros(_rows(p))
+                                               for b, p in zip(biases, self.parts.values())]))
+        return lin
+
+
+def _rows(part: nn.Module) -> int:
+    return (part.to_dense() if isinstance(part, CompressedModule) else part.weight).shape[0]

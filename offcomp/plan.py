@@ -314,6 +314,8 @@ def parse_plan(raw: Any, source: str = "plan") -> Plan:
 
 
 def _matches(entry: str, info: ModuleInfo, roles: dict[str, str]) -> bool:
+    if ":" in info.name and entry not in roles:  # a fused projection's row slice: by its role only
+        return False
     if entry.startswith("re:"):
         return re.fullmatch(entry[3:], info.name) is not None
     if entry in roles:  # a role (or alias) matches by role only: BERT's `output.dense` is not attn.o's

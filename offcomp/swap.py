@@ -22,9 +22,10 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import FORWARD_QUIRKS, UNSUPPORTED_CONFIG, aliases_for, fused_for
 from .errors import OffcompError
-from .layers import CompressedModule
+from .layers import CompressedModule, FusedSlices
 from .plan import ModuleInfo
 
+SLICE = ":"  # "<module>:<slice>" names a row slice of a fused projection (attn.c_attn:k)
 _PLAIN_FORWARD = {nn.Linear: nn.Linear.forward, nn.Embedding: nn.Embedding.forward, Conv1D: Conv1D.forward}
 
 
@@ -73,6 +74,9 @@ class Structure:
     transposed: frozenset[str]  # Conv1D modules (weight stored in × out)
     tied: tuple[tuple[str, ...], ...]  # modules sharing one weight tensor
     refused: dict[str, str]  # module → why it cannot be replaced faithfully
+    # row slices of fused projections, addressable as modules of their own: "<module>:<slice>" →
+    # (module, first row, end row)
+    slices: dict[str, tuple[str, int, int]]
 
     def roles(self) -> dict[str, str]:
         """Every name a plan may use as a role → the canonical role it selects."""
@@ -84,7 +88,7 @@ class Structure:
         """Paths inside a block of its linear modules, in module order."""
         seen: dict[str, None] = {}
         for m in self.modules:
-            if m.layer is not None and m.kind == "linear" and m.role:
+            if m.layer is not None and m.kind == "linear" and m.role and SLICE not in m.role:
                 seen.setdefault(m.role, None)
         return list(seen)
 
@@ -190,8 +194,37 @@ def discover(model: nn.Module) -> Structure:
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
     paths = {i.role for i in infos if i.layer is not None}
     aliases = {k: v for k, v in aliases_for(model_type).items() if v in paths}
+    slices: dict[str, tuple[str, int, int]] = {}
+    for path, (parts, layout) in fused_for(model_type).items():
+        for info in [i for i in infos if i.layer is not None and i.role == path]:
+            rows = _slice_rows(getattr(model, "config", None), parts, info.shape[0]) if layout == "blocks" else None
+            for k, (a, b) in (rows or {}).items():
+                slices[f"{info.name}{SLICE}{k}"] = (info.name, a, b)
+                infos.append(ModuleInfo(f"{info.name}{SLICE}{k}", "linear", (b - a, info.shape[1]), info.layer,
+                                        f"{path}{SLICE}{k}"))
+            alias = next((a for a, p in aliases.items() if p == path), None)
+            for k in parts if rows and alias else ():
+                aliases[f"{alias}{SLICE}{k}"] = f"{path}{SLICE}{k}"
+                aliases.setdefault(f"{alias.split('.')[0]}.{k}", f"{path}{SLICE}{k}")  # attn.k, mlp.gate
     return Structure(model_type, blocks, type(layers[0]).__name__, len(layers), tuple(infos), aliases, embed, head,
-                     frozenset(transposed), tuple(tuple(v) for v in owners.values() if len(v) > 1), refused)
+                     frozenset(transposed), tuple(tuple(v) for v in owners.values() if len(v) > 1), refused, slices)
+
+
+def _slice_rows(cfg: Any, parts: tuple[str, ...], out: int) -> dict[str, tuple[int, int]] | None:
+    """Row ranges of the slices of a fused projection with `out` rows: two halves (gate/up), or
+    q = heads·head_dim rows then two equal k/v blocks (grouped-query attention included)."""
+    if len(parts) == 2:
+        sizes = [out // 2, out // 2] if out % 2 == 0 else None
+    else:
+        heads = getattr(cfg, "num_attention_heads", None)
+        hidden = getattr(cfg, "hidden_size", None)
+        head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads and hidden else None)
+        q = heads * head_dim if heads and head_dim else None
+        sizes = [q, (out - q) // 2, (out - q) // 2] if q and out > q and (out - q) % 2 == 0 else None
+    if sizes is None:
+        return None
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return {k: (a, a + n) for k, a, n in zip(parts, starts, sizes)}
 
 
 def fused(structure: Structure) -> dict[str, tuple[tuple[str, ...], str]]:
@@ -275,6 +308,34 @@ def shared_inputs(model: nn.Module, names: list[str] | None = None, seq_len: int
     return out
 
 
+def module_view(model: nn.Module, name: str) -> nn.Module:
+    """The module a method reads for `name`, as an (out × in) linear: `linear_view` of a module, or
+    for a slice "<module>:<k>" its part (once the module is split) or a view of its rows."""
+    base, _, k = name.partition(SLICE)
+    mod = model.get_submodule(base)
+    if not k:
+        return linear_view(mod)
+    if isinstance(mod, FusedSlices):
+        return mod.parts[k]
+    _, a, b = discover(model).slices[name]
+    view = nn.Linear(1, 1, bias=False, device="meta")
+    view.weight = nn.Parameter(oriented_weight(mod).detach()[a:b], requires_grad=False)
+    view.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach()[a:b], requires_grad=False)
+    view.in_features, view.out_features = view.weight.shape[1], b - a
+    return view
+
+
+def _split_fused(model: nn.Module, base: str) -> FusedSlices:
+    """Replace the fused module `base` by its slices (plain parts) once; returns the container."""
+    mod = model.get_submodule(base)
+    if isinstance(mod, FusedSlices):
+        return mod
+    rows = {n.partition(SLICE)[2]: (a, b) for n, (owner, a, b) in discover(model).slices.items() if owner == base}
+    container = FusedSlices.split(oriented_weight(mod), mod.bias, rows)
+    replace_module(model, base, container)
+    return container
+
+
 def _scaled_forward(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
     return out * mod.embed_scale.to(out.dtype)
 
@@ -282,6 +343,8 @@ def _scaled_forward(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) ->
 def install(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put the replacement `new` where `name` is, carrying over what the original's forward does
     besides its weight (`FORWARD_QUIRKS`: Gemma's embed_scale); returns the original."""
+    if SLICE in name:
+        _split_fused(model, name.partition(SLICE)[0])
     old = replace_module(model, name, new)
     scale = getattr(old, "embed_scale", None)
     if scale is not None and not hasattr(new, "embed_scale"):  # installed once, even if swapped in again
@@ -300,10 +363,11 @@ def densify_(model: nn.Module) -> int:
 
     with torch.device("meta"):
         skeleton = type(model)(copy.deepcopy(model.config))
-    n = 0
+    n, done = 0, []
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, CompressedModule):
-            continue
+        if not isinstance(mod, CompressedModule) or any(name.startswith(d + ".") for d in done):
+            continue  # a slice inside a split fused module goes with it
+        done.append(name)
         dense = mod.dense_module()
         if isinstance(skeleton.get_submodule(name), Conv1D):
             conv = Conv1D(dense.weight.shape[0], dense.weight.shape[1]).to(dense.weight)
@@ -319,7 +383,13 @@ def densify_(model: nn.Module) -> int:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` where `name` is and return what was there."""
+    """Put `new` where `name` is and return what was there (a slice: into the split module)."""
+    base, _, k = name.partition(SLICE)
+    if k:
+        container = model.get_submodule(base)
+        old = container.parts[k]
+        container.parts[k] = new
+        return old
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)

@@ -167,7 +167,7 @@ def test_data_aware_paths_on_fused_and_conv1d_models(model_type):
 
     model = tiny_model(model_type)
     s = discover(model)
-    names = [m.name for m in s.modules if m.layer is not None and m.kind == "linear"]
+    names = [m.name for m in s.modules if m.layer is not None and m.kind == "linear" and m.name not in s.slices]
     stats = _random_stats(model, names)
     ids = torch.randint(5, 128, (2, 12))
     with torch.no_grad():
@@ -277,3 +277,71 @@ def test_structured_pruning_on_conv1d_and_refused_inside_fused_projections():
                                             "method": "prune-structured"}]})
     with pytest.raises(OffcompError, match="gate/up in one matrix"):
         offcomp.plan_units(tiny_model("phi3"), gated)
+
+
+def test_fused_slices_are_roles_of_their_own(tmp_path):
+    """All key slices of GPT-2's fused c_attn compressed jointly across layers; q and v stay dense."""
+    from transformers import AutoModelForCausalLM
+
+    from offcomp.checkpoint import export_dense
+    from offcomp.layers import FusedSlices, LowRankLinear
+    from offcomp.models import load_model
+    from offcomp.pipeline import compress_model
+
+    model = tiny_model("gpt2")
+    s = discover(model)
+    assert s.slices["transformer.h.0.attn.c_attn:k"] == ("transformer.h.0.attn.c_attn", 64, 128)
+    assert s.roles()["attn.k"] == s.roles()["attn.qkv:k"] == "attn.c_attn:k"
+    assert s.default_modules() == ["attn.o", "attn.qkv", "mlp.down", "mlp.up"]  # whole matrices by default
+    src = save_model_dir(model, tiny_word_tokenizer(), tmp_path / "src")
+    plan = offcomp.parse_plan({"groups": [{"modules": ["attn.k"], "joint": True, "rank": 8},
+                                          {"modules": ["mlp.up"], "ratio": 0.5}]})
+    manifest = compress_model(str(src), plan, tmp_path / "ck")
+    unit = manifest["report"]["units"][0]
+    assert unit["names"] == ["transformer.h.0.attn.c_attn:k", "transformer.h.1.attn.c_attn:k"]
+    assert unit["stored_params"] == 8 * (2 * 64 + 64)
+    ck = load_model(str(tmp_path / "ck")).model
+    c_attn = ck.transformer.h[1].attn.c_attn
+    assert isinstance(c_attn, FusedSlices) and isinstance(c_attn.parts["k"], LowRankLinear)
+    assert c_attn.parts["k"].V is ck.transformer.h[0].attn.c_attn.parts["k"].V  # one joint factor
+    dense_w = model.transformer.h[1].attn.c_attn.weight.T  # q and v rows untouched
+    assert torch.equal(c_attn.parts["q"].weight, dense_w[:64]) and torch.equal(c_attn.parts["v"].weight, dense_w[128:])
+    ids = torch.randint(5, 128, (2, 10))
+    export_dense(tmp_path / "ck", tmp_path / "dense")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, ck(ids).logits, rtol=1e-4, atol=1e-4)
+
+    with pytest.raises(OffcompError, match="row slice of transformer.h.0.attn.c_attn, which the plan also"):
+        offcomp.plan_units(model, offcomp.parse_plan({"groups": [{"modules": ["attn.qkv"], "rank": 4},
+                                                                 {"modules": ["attn.k"], "rank": 4}]}))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "phi3", "modernbert"])
+def test_every_fused_slice_at_full_rank_reproduces_dense(model_type, monkeypatch):
+    from offcomp.methods.svd import SVD
+
+    monkeypatch.setattr(SVD, "solve", lambda self, unit, cfg: {"rank": min(unit.shapes[0])})
+    monkeypatch.setattr("offcomp.api.check_savings", lambda model, planned: None)  # full rank saves nothing
+    model = tiny_model(model_type)
+    ids = torch.randint(5, 128, (2, 10))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    s = discover(model)
+    roles = sorted({m.role for m in s.modules if m.name in s.slices})
+    assert len(roles) == {"gpt2": 3, "phi3": 5, "modernbert": 5}[model_type]
+    offcomp.compress_(model, offcomp.parse_plan({"groups": [{"modules": roles, "rank": 1}]}))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_slices_with_calibration_statistics():
+    """SVD-LLM on Phi-3's gate and up slices: the slices read the fused module's captured input."""
+    model = tiny_model("phi3")
+    s = discover(model)
+    stats = _random_stats(model, [m.name for m in s.modules if m.layer is not None and m.name not in s.slices])
+    plan = offcomp.parse_plan({"groups": [{"modules": ["mlp.gate", "mlp.up"], "method": "svd-llm", "ratio": 0.5}]})
+    report = offcomp.compress_(model, plan, stats=stats)
+    assert [u.names[0] for u in report.units][:2] == ["model.layers.0.mlp.gate_up_proj:gate",
+                                                      "model.layers.0.mlp.gate_up_proj:up"]
+    assert all(u.rel_error < 1 for u in report.units)

@@ -157,7 +157,8 @@ def test_architecture_contract(model_type, tmp_path, words, one_thread):
         {"name": "embed", "modules": ["embed"], "method": "svd", "ratio": 0.8}]})
     manifest = compress_model(str(src), plan, tmp_path / "ck")
     units = manifest["report"]["units"]
-    linears = [m.name for m in structure.modules if m.layer is not None and m.kind == "linear"]
+    linears = [m.name for m in structure.modules if m.layer is not None and m.kind == "linear"
+               and m.name not in structure.slices]
     assert sorted(n for u in units for n in u["names"]) == sorted(linears + [structure.embed])
     assert manifest["report"]["params_after"] < manifest["report"]["params_before"]
 
@@ -194,5 +195,5 @@ def test_full_rank_reproduces_dense_logits(model_type, monkeypatch, one_thread):
     report = offcomp.compress_(model, plan)
     names = {n for u in report.units for n in u.names}
     assert {structure.embed, structure.lm_head} <= names
-    assert len(names) == len(structure.modules) - len(structure.refused)
+    assert len(names) == len(structure.modules) - len(structure.refused) - len(structure.slices)
     torch.testing.assert_close(_logits(model, ids), before, rtol=1e-4, atol=1e-4)
