@@ -384,7 +384,9 @@ def eval_ppl(
     device: Device = "cpu",
     dtype: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
     seed: Annotated[int, typer.Option(help="mask seed for masked LMs")] = 0,
-    results: Annotated[Path | None, typer.Option(help="results.jsonl to append to (default: by the model)")] = None,
+    results: Annotated[Path | None, typer.Option(
+        help="results.jsonl to append to (default: a compressed dir's own; base models: $OFFCOMP_RESULTS/NAME/, "
+             "else ~/.cache/offcomp/results/NAME/)")] = None,
     trust_remote_code: bool = False,
     no_verify: NoVerify = False,
     as_json: Json = False,
@@ -398,14 +400,62 @@ def eval_ppl(
                            trust_remote_code=trust_remote_code, progress=progress, verify=not no_verify)
     warn_contaminated(rec)
     table = Table(title=f"perplexity: {model}")
-    for col in ("data", "tokens", "PPL", "params", "tokens/s"):
+    for col in ("data", "scored tokens", "PPL", "word PPL", "bits/byte", "params", "forward tok/s"):
         table.add_column(col)
     data_rec = rec.get("data", {})
-    n_tok = rec.get("n_tokens", 0)
-    table.add_row(f"{data_rec.get('name')}:{data_rec.get('split')}", f"{n_tok:,}",
-                  "-" if rec["ppl"] is None else f"{rec['ppl']:.4f}",
-                  f"{rec['params_after']:,}", f"{n_tok / max(rec['seconds'], 1e-9):,.0f}")
+    table.add_row(f"{data_rec.get('name')}:{data_rec.get('split')}", f"{rec['n_tokens']:,}", _num(rec["ppl"], ".4f"),
+                  _num(rec.get("word_perplexity"), ".4f"), _num(rec.get("bits_per_byte"), ".4f"),
+                  f"{rec['params_after']:,}", f"{rec['tokens_per_s']:,.0f}")
+    if "n_windows" in rec:  # why "scored" is below --max-tokens: a window's first token has no context
+        table.caption = (f"{rec['n_windows']:,} windows × {rec['protocol']['seq_len']:,} tokens; "
+                         f"{rec['n_tokens']:,} scored (each window's first token is context only)")
+    err.print(f"results appended to {rec['results_file']}", highlight=False, soft_wrap=True)
     emit(rec, as_json, table)
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+@app.command("eval-lm")
+@user_errors
+def eval_lm(
+    model: Annotated[str, typer.Argument(help="base model name/dir or compressed directory")],
+    tasks: Annotated[str, typer.Option(help="comma-separated lm-eval tasks; offline: local_glue (local_sst2, "
+                                            "local_rte, local_mrpc), local_wikitext")],
+    data_dir: Annotated[Path | None, typer.Option(
+        help="data root of the local_* tasks (holds glue/ and wikitext-2-raw/); default $OFFCOMP_DATA, "
+             "else ../shared/data")] = None,
+    include_path: Annotated[list[Path] | None, typer.Option(help="extra folder of lm-eval task YAMLs (repeat)")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="few-shot examples (default: each task's own, 0)")] = None,
+    limit: Annotated[int | None, typer.Option(help="score only the first N documents of each task")] = None,
+    batch_size: int = 1,
+    max_length: Annotated[int | None, typer.Option(
+        help="context window (rolling windows for perplexity tasks); default: the model's positions")] = None,
+    device: Device = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
+    results: Annotated[Path | None, typer.Option(help="results.jsonl to append to (default: by the model)")] = None,
+    trust_remote_code: bool = False,
+    no_verify: NoVerify = False,
+    as_json: Json = False,
+) -> None:
+    """Zero-/few-shot tasks through lm-evaluation-harness (needs offcomp[eval]); one record per task."""
+    from .pipeline import evaluate_lm
+
+    out = evaluate_lm(model, tasks.split(","), data_dir=data_dir, include_path=include_path, num_fewshot=num_fewshot,
+                      limit=limit, batch_size=batch_size, max_length=max_length, device=device, dtype=dtype,
+                      results=results, trust_remote_code=trust_remote_code, verify=not no_verify)
+    table = Table(title=f"lm-eval: {model}")
+    for col in ("task", "metric", "value", "± stderr", "n"):
+        table.add_column(col)
+    for rec in out["records"]:
+        for key, value in rec["metrics"].items():
+            if key.endswith("_stderr"):
+                continue
+            table.add_row(rec["task"], key, _num(value, ".4f"), _num(rec["metrics"].get(f"{key}_stderr"), ".4f"),
+                          str(rec["data"].get("n_scored")))
+    err.print(f"results appended to {out['results_file']}", highlight=False, soft_wrap=True)
+    emit(out, as_json, table)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from .api import compress_, count_params, plan_units
 from .checkpoint import prepare_out_dir, save_compressed, versions
 from .errors import OffcompError
 from .hygiene import contamination, text_identity
-from .models import ModelBundle, load_model
+from .models import ModelBundle, cache_dir, load_model
 from .modular import modular_train, teacher_copy
 from .plan import Group, Plan
 from .progress import ProgressFn, no_progress
@@ -255,12 +256,20 @@ def calibration_windows_for(tokenizer: Any, n: int | None, *, data: str, split: 
     return calibration_windows(ids, n or samples, seq_len, seed)
 
 
+def results_root() -> Path:
+    """Where base-model results go unless --results says otherwise: $OFFCOMP_RESULTS, else
+    <offcomp cache>/results (a base model has no directory of its own to write into)."""
+    env = os.environ.get("OFFCOMP_RESULTS")
+    return Path(env) if env else cache_dir() / "results"
+
+
 def results_path(bundle: ModelBundle, results: str | Path | None) -> Path:
+    """--results if given; a compressed checkpoint's own results.jsonl; else results_root()/<name>/."""
     if results is not None:
         return Path(results)
     if bundle.manifest is not None:
         return Path(bundle.source) / RESULTS
-    return Path("runs") / "base" / re.sub(r"[^A-Za-z0-9_.-]+", "_", bundle.name) / RESULTS
+    return results_root() / re.sub(r"[^A-Za-z0-9_.-]+", "_", bundle.name) / RESULTS
 
 
 def append_result(path: Path, record: dict[str, Any]) -> None:
@@ -334,4 +343,69 @@ def evaluate_ppl(
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions()}
     record = strict(record)  # a non-finite number is recorded as null with its reason, never as NaN
     append_result(out_file, record)
-    return record
+    return {**record, "results_file": str(out_file)}
+
+
+def evaluate_lm(
+    model: str,
+    tasks: list[str],
+    *,
+    data_dir: str | Path | None = None,
+    include_path: list[str | Path] | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    results: str | Path | None = None,
+    trust_remote_code: bool = False,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on a base model or compressed directory, the model passed in memory.
+
+    One record per task (type "lm-eval": every metric with its stderr, task and harness versions,
+    the data files' sha256 for local tasks) is appended to results.jsonl; returns them all."""
+    from .eval.harness import check_local_data, data_root, require_lm_eval, run_harness, task_manager
+    from .paths import check_output
+
+    names = [t.strip() for t in tasks if t.strip()]
+    if not names:
+        raise OffcompError("--tasks is empty: give task names, e.g. --tasks local_glue,local_wikitext")
+    for key, value, low in (("--limit", limit, 1), ("--batch-size", batch_size, 1), ("--num-fewshot", num_fewshot, 0),
+                            ("--max-length", max_length, 2)):
+        if value is not None and value < low:
+            raise OffcompError(f"{key} must be >= {low}, got {value}")
+    require_lm_eval()
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    if results is not None:
+        check_output(results, kind="file", option="--results")
+    root = data_root(data_dir)
+    local_data = check_local_data(names, root)  # missing files stop us before the model loads
+    tm = task_manager(names, [Path(p) for p in include_path or []], root)
+    bundle = load_model(model, device=dev, dtype=dt, trust_remote_code=trust_remote_code, verify=verify)
+    path = check_output(results_path(bundle, results), kind="file", option="--results")
+    if bundle.kind != "causal":
+        raise OffcompError(f"{model} is a {bundle.kind} model ({bundle.head}); lm-eval scores causal LMs only")
+    t = time.perf_counter()
+    out = run_harness(bundle.model, bundle.tokenizer, names, tm, num_fewshot=num_fewshot, limit=limit,
+                      batch_size=batch_size, max_length=max_length)
+    seconds = time.perf_counter() - t
+    protocol = {**out["protocol"], "dtype": dtype, "device": str(dev)}
+    base = {**model_record(bundle), "seconds": seconds,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": versions()}
+    records = []
+    for task, res in out["tasks"].items():
+        data = local_data.get(task) or {"name": "/".join(filter(None, (res["dataset"].get("dataset_path"),
+                                                                      res["dataset"].get("dataset_name")))) or task}
+        counts = res["n_samples"] or {}
+        data = {**data, "split": res["dataset"].get("test_split") or res["dataset"].get("validation_split"),
+                "n_docs": counts.get("original"), "n_scored": counts.get("effective")}
+        rec = {"type": "lm-eval", "task": task, "metrics": res["metrics"], "task_version": res["version"],
+               "num_fewshot": res["num_fewshot"], "output_type": res["output_type"],
+               "higher_is_better": res["higher_is_better"], "data": data, "protocol": protocol, **base}
+        rec = strict(rec)
+        append_result(path, rec)
+        records.append(rec)
+    bad = [f"{r['task']}: {why}" for r in records for why in r.get("non_finite") or []]
+    return {"records": records, "results_file": str(path), **({"non_finite": bad} if bad else {})}

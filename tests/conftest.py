@@ -34,6 +34,27 @@ def tiny_llama(vocab_size: int = 128, layers: int = 2, tie: bool = True, seed: i
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (GPT-2/SmolLM2 style) trained in milliseconds on CPython's prose.
+
+    It has fast offsets and an <|endoftext|> BOS/EOS like real causal-LM tokenizers, without
+    loading one; pair it with `tiny_llama(vocab_size=len(tok))`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from offcomp.data import load_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(load_text("embedded", "validation").rows[:2000], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
 def tiny_bert(vocab_size: int = 128, layers: int = 2, seed: int = 0, head: str = "masked-lm", tie: bool = True):
     from transformers import BertConfig, BertForMaskedLM, BertModel
 

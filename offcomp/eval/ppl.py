@@ -53,6 +53,7 @@ MLM_MAX_LEN = 512
 MLM_MIN_TOKENS = 20
 MLM_REPLACE = "bert-80-10-10"
 _HEADING = re.compile(r"^\s*(=\s+)+\S.*?(\s+=)+\s*$")
+_WORD = re.compile(r"\S+")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -167,6 +168,10 @@ def perplexity(
     elapsed = time.perf_counter() - start
 
     nll, ppl, non_finite = _summarise(stats)
+    forward_s = stats.pop("forward_s")
+    per_text: dict[str, Any] = {}
+    if kind == "causal":  # token PPL depends on the tokenizer; these do not (same text, same scored tokens)
+        per_text = _per_text(nll, stats["n_tokens"], stats["n_bytes"], stats["n_words"])
     protocol: dict[str, Any] = {
         "kind": kind,
         "seq_len": seq_len,
@@ -182,13 +187,16 @@ def perplexity(
     return {
         "ppl": ppl,
         "nll": nll,
+        **per_text,
         **stats,
         **({"non_finite": non_finite} if non_finite else {}),
         "protocol": protocol,
         "data": source.describe(),
         "model": type(model).__name__,
         "elapsed_s": round(elapsed, 3),
-        "tokens_per_s": round(stats["n_input_tokens"] / max(elapsed, 1e-9), 1),
+        "forward_s": round(forward_s, 3),
+        # the model's speed: input tokens per second of forward passes (+ loss), not tokenising the text
+        "tokens_per_s": round(stats["n_input_tokens"] / max(forward_s, 1e-9), 1),
     }
 
 
@@ -211,6 +219,21 @@ def _summarise(stats: dict[str, Any]) -> tuple[float | None, float | None, list[
         return kept, math.exp(kept), []
     except OverflowError:
         return kept, None, [f"exp(NLL {kept:.6g}) overflows a float: perplexity too large to represent"]
+
+
+def _per_text(nll: float | None, n_tokens: int, n_bytes: int | None, n_words: int | None) -> dict[str, Any]:
+    """Word PPL, byte PPL and bits per byte from the NLL over the scored tokens and the bytes/words
+    of text they account for; None where undefined (non-finite NLL, no offsets) or too large."""
+    if nll is None or not n_bytes or not n_words:
+        return {"word_perplexity": None, "byte_perplexity": None, "bits_per_byte": None}
+    nll_sum = nll * n_tokens
+    out: dict[str, Any] = {"bits_per_byte": nll_sum / (n_bytes * math.log(2))}
+    for key, count in (("word_perplexity", n_words), ("byte_perplexity", n_bytes)):
+        try:
+            out[key] = math.exp(nll_sum / count)
+        except OverflowError:
+            out[key] = None
+    return out
 
 
 def _check_ints(**values: int | None) -> None:
@@ -241,11 +264,46 @@ def _digest(*arrays: torch.Tensor | np.ndarray) -> str:
     return h.hexdigest()
 
 
+def token_text_spans(tokenizer: Any, text: str) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+    """Token ids of `text` plus, per token, the UTF-8 bytes and the words it accounts for.
+
+    Token i owns the text from its start offset to the next token's start (the last one: to the
+    end), so the spans tile the text and every byte belongs to exactly one token, whitespace a
+    tokenizer trims from its offsets included. A word (a maximal run of non-whitespace, as
+    ``str.split()`` counts) belongs to the token holding its first character. None for tokenizers
+    without offsets (slow tokenizers): then only token perplexity is reported.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    n = len(enc.input_ids)
+    starts = np.array([s for s, _ in enc.offset_mapping] + [len(text)], dtype=np.int64)
+    starts[0] = 0  # text before the first token (e.g. trimmed leading spaces) is the first token's
+    if n and np.any(np.diff(starts) < 0):
+        return None  # offsets that do not walk the text forwards: no honest byte attribution
+    char_bytes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    char_bytes = 1 + (char_bytes >= 0x80) + (char_bytes >= 0x800) + (char_bytes >= 0x10000)
+    byte_at = np.concatenate([[0], np.cumsum(char_bytes, dtype=np.int64)])
+    token_bytes = np.diff(byte_at[starts])
+    word_starts = np.array([m.start() for m in _WORD.finditer(text)], dtype=np.int64)
+    token_words = np.diff(np.searchsorted(word_starts, starts, side="left"))
+    return list(enc.input_ids), token_bytes, token_words
+
+
 def _causal(model, tokenizer, source, seq_len, stride, max_tokens, batch_size, device, progress):
-    ids = torch.tensor(tokenizer(causal_text(source), add_special_tokens=False).input_ids, dtype=torch.long)
+    text = causal_text(source)
+    spans = token_text_spans(tokenizer, text)
+    if spans is None:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    else:
+        ids = torch.tensor(spans[0], dtype=torch.long)
     bos = _adds_bos(tokenizer)
     if bos:
         ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
+    # per stream position: bytes / words of text that token accounts for (BOS: none)
+    pad = [0] if bos else []
+    token_bytes = None if spans is None else np.concatenate([pad, spans[1]]).astype(np.int64)
+    token_words = None if spans is None else np.concatenate([pad, spans[2]]).astype(np.int64)
     n_avail = ids.numel()
     total = n_avail if max_tokens is None else min(n_avail, max_tokens)
     if total < seq_len:
@@ -257,10 +315,11 @@ def _causal(model, tokenizer, source, seq_len, stride, max_tokens, batch_size, d
     # Window 0 scores predictions 0..seq_len-2; later windows only those whose target is among the
     # window's last `stride` tokens, i.e. prediction positions >= seq_len - stride - 1.
     skip_later = seq_len - stride - 1 if stride < seq_len else 0
-    nll_sum, n_scored, n_bad, bad_tokens = 0.0, 0, 0, 0
+    nll_sum, n_scored, n_bad, bad_tokens, n_bytes, n_words, forward_s = 0.0, 0, 0, 0, 0, 0, 0.0
     for b0 in range(0, n_windows, batch_size):
         batch_starts = starts[b0 : b0 + batch_size]
         x = torch.stack([ids[s : s + seq_len] for s in batch_starts]).to(device)
+        t = time.perf_counter()
         logits = model(input_ids=x).logits
         for row, s in enumerate(batch_starts):
             first = 0 if s == 0 else skip_later
@@ -271,6 +330,10 @@ def _causal(model, tokenizer, source, seq_len, stride, max_tokens, batch_size, d
                 n_bad, bad_tokens = n_bad + 1, bad_tokens + nll.numel()
                 continue
             nll_sum += window
+            if token_bytes is not None:  # the targets scored: stream positions s+first+1 .. s+seq_len-1
+                n_bytes += int(token_bytes[s + first + 1 : s + seq_len].sum())
+                n_words += int(token_words[s + first + 1 : s + seq_len].sum())
+        forward_s += time.perf_counter() - t
         if progress is not None:
             progress("perplexity", min(b0 + batch_size, n_windows), n_windows)
     end = starts[-1] + seq_len
@@ -280,9 +343,12 @@ def _causal(model, tokenizer, source, seq_len, stride, max_tokens, batch_size, d
         "n_nonfinite": n_bad,
         "n_nonfinite_tokens": bad_tokens,
         "unit": "windows",
+        "n_bytes": n_bytes if token_bytes is not None else None,
+        "n_words": n_words if token_words is not None else None,
         "n_windows": n_windows,
         "n_input_tokens": n_windows * seq_len,
         "n_text_tokens": n_avail,
+        "forward_s": forward_s,
         "inputs_sha256": _digest(ids[:end]),
         "protocol": {"join": "\\n\\n", "bos": bos, "tail": "dropped"},
     }
@@ -353,7 +419,7 @@ def _masked(model, tokenizer, source, max_len, max_tokens, batch_size, device, s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Longest first: little padding per batch, and an out-of-memory shows up on the first batch.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
-    nll_sum, n_scored, n_bad, bad_tokens = 0.0, 0, 0, 0
+    nll_sum, n_scored, n_bad, bad_tokens, forward_s = 0.0, 0, 0, 0, 0.0
     for b0 in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[b0 : b0 + batch_size]]
         width = len(batch[0][0])
@@ -365,6 +431,7 @@ def _masked(model, tokenizer, source, max_len, max_tokens, batch_size, device, s
             y[r, : len(lab)] = torch.from_numpy(lab)
             attn[r, : len(inp)] = 1
         x, y, attn = x.to(device), y.to(device), attn.to(device)
+        t = time.perf_counter()
         logits = model(input_ids=x, attention_mask=attn).logits
         keep = y != -100
         nll = F.cross_entropy(logits[keep].float(), y[keep], reduction="none").double()
@@ -375,6 +442,7 @@ def _masked(model, tokenizer, source, max_len, max_tokens, batch_size, device, s
         bad_tokens += int(keep.sum(dim=1)[~finite].sum())
         nll_sum += per_line[finite].sum().item()
         n_scored += nll.numel()
+        forward_s += time.perf_counter() - t
         if progress is not None:
             progress("perplexity", min(b0 + batch_size, len(order)), len(order))
     return {
@@ -385,6 +453,7 @@ def _masked(model, tokenizer, source, max_len, max_tokens, batch_size, device, s
         "unit": "lines",
         "n_lines": len(examples),
         "n_input_tokens": sum(len(inp) for inp, _ in examples),
+        "forward_s": forward_s,
         "inputs_sha256": _digest(*(a for ex in examples for a in ex)),
         "protocol": {
             "max_len": max_len,

@@ -1,0 +1,87 @@
+"""What eval-ppl reports beside token PPL: word PPL, bits per byte, scored tokens, forward
+throughput, and where a base model's record goes (tiny llama + tiny byte-level tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from offcomp.cli import app
+from offcomp.data import TextSource, causal_text, load_text, rows_sha256
+from offcomp.eval.ppl import perplexity, token_text_spans
+
+from .conftest import save_model_dir, tiny_llama, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+L = 32
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def src():
+    rows = load_text("embedded", "test").rows[:120]
+    return TextSource(name="embedded:pydoc", split="test", rows=rows, sha256=rows_sha256(rows))
+
+
+def test_word_and_byte_metrics_count_exactly_the_scored_tokens(tok, src):
+    model = tiny_llama(vocab_size=len(tok))
+    res = perplexity(model, tok, src, seq_len=L, max_tokens=4 * L + 7)
+    ids, nbytes, nwords = token_text_spans(tok, causal_text(src))
+    scored = [i for w in range(4) for i in range(w * L + 1, (w + 1) * L)]  # each window's first is context
+    assert res["n_tokens"] == len(scored) == 4 * (L - 1)
+    assert res["n_bytes"] == sum(int(nbytes[i]) for i in scored)
+    assert res["n_words"] == sum(int(nwords[i]) for i in scored) > 0
+    nll_sum = res["nll"] * res["n_tokens"]
+    assert res["bits_per_byte"] == pytest.approx(nll_sum / res["n_bytes"] / math.log(2), rel=1e-9)
+    assert res["byte_perplexity"] == pytest.approx(2 ** res["bits_per_byte"], rel=1e-9)
+    assert res["word_perplexity"] == pytest.approx(math.exp(nll_sum / res["n_words"]), rel=1e-9)
+    # sliding windows score more tokens, and the bytes follow them
+    slide = perplexity(model, tok, src, seq_len=L, stride=L // 2, max_tokens=4 * L)
+    assert slide["n_bytes"] == sum(int(nbytes[i]) for i in range(1, L)) + sum(
+        int(nbytes[i]) for s in range(L // 2, 4 * L - L + 1, L // 2) for i in range(s + L // 2, s + L))
+
+
+def test_slow_tokenizer_reports_token_ppl_only(tok, src):
+    class NoOffsets:  # a slow tokenizer: no offsets, so no honest byte attribution
+        is_fast = False
+        bos_token_id = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return tok(text, add_special_tokens=False)
+
+    res = perplexity(tiny_llama(vocab_size=len(tok)), NoOffsets(), src, seq_len=L, max_tokens=2 * L)
+    assert res["bits_per_byte"] is None and res["word_perplexity"] is None and math.isfinite(res["ppl"])
+
+
+def test_throughput_is_the_forward_alone(tok, src):
+    res = perplexity(tiny_llama(vocab_size=len(tok)), tok, src, seq_len=L, max_tokens=3 * L)
+    assert 0 < res["forward_s"] <= res["elapsed_s"]
+    assert res["tokens_per_s"] == pytest.approx(res["n_input_tokens"] / res["forward_s"], rel=0.01)
+
+
+def test_base_model_results_go_to_the_results_dir_not_cwd(tok, tmp_path, monkeypatch):
+    model_dir = save_model_dir(tiny_llama(vocab_size=len(tok)), tok, tmp_path / "tiny")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("OFFCOMP_RESULTS", str(tmp_path / "results"))
+    res = CliRunner().invoke(app, ["eval-ppl", str(model_dir), "--seq-len", "32", "--max-tokens", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert list(work.iterdir()) == []  # no ./runs/base/... under the current directory
+    written = list((tmp_path / "results").rglob("results.jsonl"))
+    assert [str(p) for p in written] == [rec["results_file"]]
+    assert "results appended to" in res.stderr and rec["results_file"] in res.stderr.replace("\n", "")
+    stored = json.loads(written[0].read_text())
+    assert stored["n_tokens"] == 62 and stored["bits_per_byte"] == rec["bits_per_byte"]
+    # the table says how many tokens were scored, and why that is less than --max-tokens
+    table = CliRunner().invoke(app, ["eval-ppl", str(model_dir), "--seq-len", "32", "--max-tokens", "64"])
+    assert table.exit_code == 0, table.output
+    assert "2 windows × 32 tokens; 62 scored" in table.stdout.replace("\n", " ")
