@@ -16,6 +16,12 @@ causal (GPTQ / SparseGPT / HF perplexity guide)
     sliding-window protocol: window k starts at ``k * stride``, and after the first window only its
     last `stride` tokens are scored, so each scored token sees ``seq_len - stride`` tokens of
     context from before. PPL = exp(token-mean NLL over every scored token).
+    Beside token PPL, which depends on the tokenizer, the same NLL sum is normalised by the text
+    the scored tokens stand for (`token_text_spans`: each token owns the text up to the next
+    token's start, so each byte and word is counted once): word PPL = exp(NLL / words), byte PPL =
+    exp(NLL / bytes), bits per byte = NLL / (bytes · ln 2), comparable across tokenizers and with
+    lm-eval's wikitext metrics (see `offcomp.eval.harness.rolling_loglikelihood` for how its
+    windows map onto ours).
 
 masked (Banaei et al., EACL 2023)
     Line by line: blank rows and WikiText headings (`` = Title = ``) are dropped, each line is
