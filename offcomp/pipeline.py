@@ -401,9 +401,14 @@ def evaluate_lm(
         counts = res["n_samples"] or {}
         data = {**data, "split": res["dataset"].get("test_split") or res["dataset"].get("validation_split"),
                 "n_docs": counts.get("original"), "n_scored": counts.get("effective")}
-        rec = {"type": "lm-eval", "task": task, "metrics": res["metrics"], "task_version": res["version"],
-               "num_fewshot": res["num_fewshot"], "output_type": res["output_type"],
-               "higher_is_better": res["higher_is_better"], "data": data, "protocol": protocol, **base}
+        # settings: what must match for two records to be compared (report splits tables on it)
+        settings = {"task_version": res["version"], "num_fewshot": res["num_fewshot"], "limit": limit,
+                    "max_length": protocol["max_length"], "lm_eval": protocol["lm_eval"], "dtype": dtype}
+        rec = {"type": "lm-eval", "task": task, "metrics": res["metrics"],
+               "metric_names": [k for k in res["metrics"] if not k.endswith("_stderr")],
+               "task_version": res["version"], "num_fewshot": res["num_fewshot"], "output_type": res["output_type"],
+               "higher_is_better": res["higher_is_better"], "data": data, "protocol": protocol,
+               "settings": settings, "environment": {"dtype": dtype, "device": str(dev)}, **base}
         rec = strict(rec)
         append_result(path, rec)
         records.append(rec)

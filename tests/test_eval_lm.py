@@ -147,6 +147,15 @@ def test_eval_lm_cli_records_every_metric(model_dir, data, tok, tmp_path):
         assert rec["protocol"]["lm_eval"] and rec["protocol"]["max_length"] == 64 and rec["protocol"]["limit"] == 3
         assert rec["model"]["sha256"] and rec["params_after"] == rec["params_before"]
     assert set(sst2["metrics"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert sst2["metric_names"] == ["acc", "acc_norm"] and sst2["settings"]["max_length"] == 64
+    # offcomp report reads these records: one row per metric, stderr not among them
+    from offcomp.report import collect
+
+    rows = collect(tmp_path / "r")
+    assert {(r["task"], r["metric"]) for r in rows} == {("local_sst2", "acc"), ("local_sst2", "acc_norm"),
+                                                       ("local_wikitext", "word_perplexity"),
+                                                       ("local_wikitext", "byte_perplexity"),
+                                                       ("local_wikitext", "bits_per_byte")}
     assert sst2["data"]["n_scored"] == 3 and sst2["data"]["n_docs"] == 3
     assert sst2["data"]["sha256"] == {"glue/SST-2/dev.tsv": file_sha256(data / "glue/SST-2/dev.tsv")}
     assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= set(wiki["metrics"])
