@@ -454,6 +454,8 @@ def eval_lm(
                 continue
             table.add_row(rec["task"], key, _num(value, ".4f"), _num(rec["metrics"].get(f"{key}_stderr"), ".4f"),
                           str(rec["data"].get("n_scored")))
+    for rec in out["records"]:
+        warn_contaminated(rec)
     err.print(f"results appended to {out['results_file']}", highlight=False, soft_wrap=True)
     emit(out, as_json, table)
 

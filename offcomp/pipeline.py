@@ -409,6 +409,9 @@ def evaluate_lm(
                "task_version": res["version"], "num_fewshot": res["num_fewshot"], "output_type": res["output_type"],
                "higher_is_better": res["higher_is_better"], "data": data, "protocol": protocol,
                "settings": settings, "environment": {"dtype": dtype, "device": str(dev)}, **base}
+        files = tuple(Path(local_data[task]["root"]) / rel for rel in local_data[task]["sha256"]) \
+            if task in local_data else ()
+        rec.update(contamination(bundle.manifest, files=files))
         rec = strict(rec)
         append_result(path, rec)
         records.append(rec)

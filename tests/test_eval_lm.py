@@ -188,6 +188,7 @@ def test_eval_lm_scores_the_compressed_model_in_memory(model_dir, data, tmp_path
         assert res.exit_code == 0, res.output
         rec[name] = json.loads(res.stdout)["records"][0]
     assert rec["svd"]["model"]["compressed"] is True and rec["svd"]["params_after"] < rec["dense"]["params_after"]
+    assert rec["svd"]["contaminated"] is False and rec["svd"]["calibration_data"] == []  # data-free svd
     # a rank-4 model is a different model: had lm-eval re-loaded the directory by path, it would
     # have scored a dense llama with random matrices in place of the factors (or the same numbers)
     assert rec["svd"]["metrics"]["bits_per_byte"] != rec["dense"]["metrics"]["bits_per_byte"]
