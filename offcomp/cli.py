@@ -227,7 +227,9 @@ def emit(result: dict[str, Any], as_json: bool, table: Table | None = None) -> N
         stream.write(dumps(result) + "\n")
         stream.flush()
     elif table is not None:
-        out.print(table)
+        from .terminal import keep_numbers_whole
+
+        out.print(keep_numbers_whole(table))
     if has_non_finite(result):
         reasons = strict(result)[NON_FINITE]
         err.print(f"[bold red]non-finite result:[/] {escape(_one_line('; '.join(reasons)))}", highlight=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,3 +150,19 @@ def progress_display(console: Console) -> Iterator[ProgressFn]:
             state.update(total=total, done=done)
 
         yield progress
+
+
+_NUMBER = re.compile(r"^[+-]?[\d,]*\.?\d+(e[+-]?\d+)?[×%]?\*?$")
+
+
+def keep_numbers_whole(table: Table) -> Table:
+    """Columns holding only numbers get no_wrap and their full width, so rich wraps or folds the
+    text columns instead of splitting `134,515` / `,008` across lines."""
+    for col in table.columns:
+        cells = [str(c) for c in col._cells]  # noqa: SLF001  (rich keeps a column's cells here)
+        if cells and all(_NUMBER.match(c.strip()) or c.strip() in ("-", "") for c in cells):
+            col.no_wrap = True
+            col.min_width = max(len(c) for c in cells + str(col.header).split())
+        else:
+            col.overflow = "fold"
+    return table

@@ -236,3 +236,24 @@ def test_real_records_from_compress_and_eval_ppl(tmp_path, bert_tokenizer):
                                                 abs=1e-4)
     assert svd["params"] == man["params_after"] and svd["delta"] == pytest.approx(svd["value"] - dense["value"])
     assert svd["grouping"] == "mlp.{gate,up}, separate" and svd["calibration"] is None
+
+
+def test_command_tables_keep_numbers_whole():
+    """compress/eval-ppl/capture tables (emit) at 80 columns: text folds, numbers stay on one line."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from offcomp.terminal import keep_numbers_whole
+
+    t = Table()
+    for c in ("group", "method", "modules", "mode", "hyper", "original", "stored", "max rel. error"):
+        t.add_column(c)
+    t.add_row("decoder", "svd-llm", "210: model.layers.0.mlp.down_proj…", "separate ×210",
+              '{"rank": 100}, {"rank": 102}, {"rank": 104}', "106,168,320", "84,934,656", "0.7727")
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(keep_numbers_whole(t))
+    text = buf.getvalue()
+    assert "106,168,320" in text and "84,934,656" in text and "0.7727" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
