@@ -147,6 +147,7 @@ def select_inputs(model: nn.Module, modules: tuple[str, ...] = (), layers: str =
                                    "rank": 1}]}, source="--modules/--layers")
     (group,) = expand_plan(plan, list(structure.modules), structure.roles())
     names = [n for n, k in zip(group.names, group.kinds) if k == "linear"]
+    names = list(dict.fromkeys(n.partition(":")[0] for n in names))  # a fused module's slices: the module
     if not names:
         raise OffcompError("the selected modules hold no linear layer; statistics are captured for linear layers")
     return shared_inputs(model, names)
@@ -182,7 +183,7 @@ def block_roles(model: nn.Module, spec: str) -> dict[int, dict[str, str]]:
                 raise OffcompError(f"--blocks: layer {i} has no {role} module; block capture needs the attention "
                                    f"input/output and FFN input/output projections, named for {structure.model_type!r} "
                                    "in offcomp.adapters.ALIASES")
-            roles[role] = by_path[path]
+            roles[role] = by_path[path].partition(":")[0]  # a fused projection's slice reads the module's input
         out[i] = roles
     return out
 

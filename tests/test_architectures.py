@@ -345,3 +345,24 @@ def test_slices_with_calibration_statistics():
     assert [u.names[0] for u in report.units][:2] == ["model.layers.0.mlp.gate_up_proj:gate",
                                                       "model.layers.0.mlp.gate_up_proj:up"]
     assert all(u.rel_error < 1 for u in report.units)
+
+
+def test_block_capture_finds_fused_block_inputs():
+    """--blocks needs each block's attention/FFN inputs and outputs: a fused QKV reads the attention input."""
+    from offcomp.capture import block_roles
+
+    roles = block_roles(tiny_model("gpt2"), "1")
+    assert roles == {1: {"attn.q": "transformer.h.1.attn.c_attn", "attn.o": "transformer.h.1.attn.c_proj",
+                         "mlp.up": "transformer.h.1.mlp.c_fc", "mlp.down": "transformer.h.1.mlp.c_proj"}}
+    from offcomp.capture import select_inputs
+
+    assert select_inputs(tiny_model("gpt2"), ("attn.k",), "0") == {"transformer.h.0.attn.c_attn":
+                                                                   "transformer.h.0.attn.c_attn"}
+    with pytest.raises(OffcompError, match="layer 0 has no attn.q module"):
+        from offcomp import adapters
+
+        saved = adapters.ALIASES.pop("gpt2")
+        try:
+            block_roles(tiny_model("gpt2"), "0")
+        finally:
+            adapters.ALIASES["gpt2"] = saved
