@@ -402,15 +402,21 @@ def eval_ppl(
                            trust_remote_code=trust_remote_code, progress=progress, verify=not no_verify)
     warn_contaminated(rec)
     table = Table(title=f"perplexity: {model}")
-    for col in ("data", "scored tokens", "PPL", "word PPL", "bits/byte", "params", "forward tok/s"):
-        table.add_column(col)
     data_rec = rec.get("data", {})
-    table.add_row(f"{data_rec.get('name')}:{data_rec.get('split')}", f"{rec['n_tokens']:,}", _num(rec["ppl"], ".4f"),
-                  _num(rec.get("word_perplexity"), ".4f"), _num(rec.get("bits_per_byte"), ".4f"),
-                  f"{rec['params_after']:,}", f"{rec['tokens_per_s']:,.0f}")
+    cells = {"data": f"{data_rec.get('name')}:{data_rec.get('split')}", "scored": f"{rec['n_tokens']:,}",
+             "PPL": _num(rec["ppl"], ".4f"), "word PPL": _num(rec.get("word_perplexity"), ".4f"),
+             "bits/B": _num(rec.get("bits_per_byte"), ".4f"), "params": f"{rec['params_after']:,}",
+             "tok/s": f"{rec['tokens_per_s']:,.0f}"}
+    for col, cell in cells.items():  # numbers never wrap or shrink; the data name folds instead
+        if col == "data":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, no_wrap=True, justify="right", min_width=max(len(col), len(cell)))
+    table.add_row(*cells.values())
     if "n_windows" in rec:  # why "scored" is below --max-tokens: a window's first token has no context
         table.caption = (f"{rec['n_windows']:,} windows × {rec['protocol']['seq_len']:,} tokens; "
-                         f"{rec['n_tokens']:,} scored (each window's first token is context only)")
+                         f"{rec['n_tokens']:,} scored (each window's first token is context only); "
+                         "tok/s: model forward only")
     err.print(f"results appended to {rec['results_file']}", highlight=False, soft_wrap=True)
     emit(rec, as_json, table)
 

@@ -82,6 +82,10 @@ def test_base_model_results_go_to_the_results_dir_not_cwd(tok, tmp_path, monkeyp
     stored = json.loads(written[0].read_text())
     assert stored["n_tokens"] == 62 and stored["bits_per_byte"] == rec["bits_per_byte"]
     # the table says how many tokens were scored, and why that is less than --max-tokens
-    table = CliRunner().invoke(app, ["eval-ppl", str(model_dir), "--seq-len", "32", "--max-tokens", "64"])
+    table = CliRunner().invoke(app, ["eval-ppl", str(model_dir), "--seq-len", "32", "--max-tokens", "64",
+                                     "--results", str(tmp_path / "t.jsonl")], env={"COLUMNS": "80"})
     assert table.exit_code == 0, table.output
     assert "2 windows × 32 tokens; 62 scored" in table.stdout.replace("\n", " ")
+    # in 80 columns the numbers stay whole (the data name folds instead)
+    assert f"{rec['params_after']:,}" in table.stdout and f"{rec['bits_per_byte']:.4f}" in table.stdout
+    assert max(len(line) for line in table.stdout.splitlines()) <= 80
