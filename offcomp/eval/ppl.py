@@ -200,7 +200,7 @@ def perplexity(
         "data": source.describe(),
         "model": type(model).__name__,
         "elapsed_s": round(elapsed, 3),
-        "forward_s": round(forward_s, 3),
+        "forward_s": round(forward_s, 6),
         # the model's speed: input tokens per second of forward passes (+ loss), not tokenising the text
         "tokens_per_s": round(stats["n_input_tokens"] / max(forward_s, 1e-9), 1),
     }
