@@ -229,7 +229,7 @@ def emit(result: dict[str, Any], as_json: bool, table: Table | None = None) -> N
     elif table is not None:
         from .terminal import keep_numbers_whole
 
-        out.print(keep_numbers_whole(table))
+        out.print(keep_numbers_whole(table, out.width))
     if has_non_finite(result):
         reasons = strict(result)[NON_FINITE]
         err.print(f"[bold red]non-finite result:[/] {escape(_one_line('; '.join(reasons)))}", highlight=False,

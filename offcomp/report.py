@@ -97,11 +97,11 @@ def compression_summary(manifest: dict[str, Any] | None) -> dict[str, Any] | Non
         labels = sorted({u.get("method", "?") for u in rep.get("units", [])})
     method = " + ".join(labels)
     if plan.get("allocate"):
-        method += f"+alloc({plan['allocate'].get('criterion', '?')})"
+        method += f" +alloc({plan['allocate'].get('criterion', '?')})"  # spaces: a label the table can wrap
     if plan.get("modular") or manifest.get("modular"):
         mode = (plan.get("modular") or {}).get("mode") or ((manifest.get("modular") or {}).get("config") or {}).get(
             "mode", "?")
-        method += f"+modular({mode})"
+        method += f" +modular({mode})"
     grouping = "; ".join(
         _modules(g.get("modules") or []) + (", joint" if g.get("joint") else ", separate")
         + ("" if str(g.get("layers", "all")) == "all" else f", layers {g['layers']}") for g in groups) or "-"

@@ -155,14 +155,20 @@ def progress_display(console: Console) -> Iterator[ProgressFn]:
 _NUMBER = re.compile(r"^[+-]?[\d,]*\.?\d+(e[+-]?\d+)?[×%]?\*?$")
 
 
-def keep_numbers_whole(table: Table) -> Table:
+def keep_numbers_whole(table: Table, width: int = 80) -> Table:
     """Columns holding only numbers get no_wrap and their full width, so rich wraps or folds the
     text columns instead of splitting `134,515` / `,008` across lines."""
+    numeric = []
     for col in table.columns:
         cells = [str(c) for c in col._cells]  # noqa: SLF001  (rich keeps a column's cells here)
         if cells and all(_NUMBER.match(c.strip()) or c.strip() in ("-", "") for c in cells):
-            col.no_wrap = True
-            col.min_width = max(len(c) for c in cells + str(col.header).split())
-        else:
-            col.overflow = "fold"
+            numeric.append((col, max(len(c) for c in cells + str(col.header).split())))
+    # only when the numbers and a few characters of every text column fit: else rich's own layout
+    need = sum(w for _, w in numeric) + 4 * (len(table.columns) - len(numeric)) + 3 * len(table.columns) + 1
+    if need <= width:
+        for col, w in numeric:
+            col.no_wrap, col.min_width = True, w
+        for col in table.columns:
+            if all(col is not c for c, _ in numeric):
+                col.overflow = "fold"
     return table

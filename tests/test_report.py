@@ -121,7 +121,7 @@ def test_rows_delta_best_and_protocol_split(runs):
         ("dense", "-", 25.05, False),
         ("svd", "ratio 0.8", 9.6e7, False),
         ("svd-llm", "ratio 0.8", 75.53, False),
-        ("svd-llm+alloc(fisher)", "ratio 0.8", 62.19, True),  # best of ratio 0.8
+        ("svd-llm +alloc(fisher)", "ratio 0.8", 62.19, True),  # best of ratio 0.8
         ("svd", "ratio 0.6", 2.51e7, False),
         ("svd-llm", "ratio 0.6", 220.5, True),
     ]
@@ -161,7 +161,7 @@ def test_tex_md_csv_json(runs):
     assert "\\toprule" in tex and "\\midrule" in tex and "\\textbf{62.19}" in tex
     assert "attn.\\{k,o,q,v\\}" in tex and "$\\Delta$ vs dense" in tex  # braces and symbols escaped
     body = tex.split("\\begin{tabular}")[1]
-    assert "svd-llm+alloc(fisher) & attn" in body and "wiki.test.raw" in tex
+    assert "svd-llm +alloc(fisher) & attn" in body and "wiki.test.raw" in tex
     md = render(tables, "md")
     assert "| **62.19** |" in md and md.count("### ") == len(tables)
     csv_text = render(tables, "csv")
@@ -202,7 +202,7 @@ def test_terminal_80_columns_golden(runs):
     # --wide: every column, on one line each
     wide = _cli(["report", "runs", "--wide"], Path.cwd()).stdout
     assert max(len(line) for line in wide.splitlines()) > 80 and "fit s" in wide and "quick:svd" in wide
-    assert re.search(r"svd-llm\+alloc\(fisher\) +│ ratio 0.8 .*│ attn\.\{k,o,q,v\} mlp\.\{down,gate,up\}, separate │", wide)
+    assert re.search(r"svd-llm \+alloc\(fisher\) +│ ratio 0.8 .*│ attn\.\{k,o,q,v\} mlp\.\{down,gate,up\}, separate │", wide)
 
 
 def test_cli_formats_and_plot(runs, tmp_path):
@@ -253,7 +253,7 @@ def test_command_tables_keep_numbers_whole():
     t.add_row("decoder", "svd-llm", "210: model.layers.0.mlp.down_proj…", "separate ×210",
               '{"rank": 100}, {"rank": 102}, {"rank": 104}', "106,168,320", "84,934,656", "0.7727")
     buf = io.StringIO()
-    Console(file=buf, width=80).print(keep_numbers_whole(t))
+    Console(file=buf, width=80).print(keep_numbers_whole(t, 80))
     text = buf.getvalue()
     assert "106,168,320" in text and "84,934,656" in text and "0.7727" in text
     assert max(len(line) for line in text.splitlines()) <= 80
