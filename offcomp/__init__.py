@@ -17,7 +17,12 @@ __version__ = "0.1.0"
 # 1000x slower on a busy 2-core machine. Only a default: a user's own OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from . import hf_register  # noqa: E402  (no torch either)
 from .errors import OffcompError  # noqa: E402  (no torch: safe to import eagerly)
+
+# The one import side effect: `quant_method: "offcomp"` checkpoints load through any
+# `AutoModelFor….from_pretrained` once offcomp is imported (registered when transformers loads).
+hf_register.install()
 
 # public name -> submodule that defines it, imported on first access
 _LAZY = {
@@ -39,7 +44,8 @@ def __getattr__(name: str) -> Any:
 
 
 def load(path: str, **kwargs: Any) -> Any:
-    """Rebuild a compressed checkpoint (or load any model name); returns a ModelBundle."""
+    """Rebuild a compressed checkpoint (through `from_pretrained`, with offcomp's checks) or load any
+    model name; returns a ModelBundle."""
     from .models import load_model
 
     return load_model(path, **kwargs)

@@ -303,7 +303,10 @@ def check_fitted_finite(unit: FitUnit, method: str, layers: list[nn.Module]) -> 
 def _resume_unit(model: nn.Module, i: int, p: PlannedUnit, originals: list[nn.Module], resume: Any,
                  report: CompressReport) -> bool:
     """Swap in unit i from the partial directory if it is there and intact."""
-    layers = p.method.build(p.unit, p.cfg, p.hyper, originals)
+    try:
+        layers = p.method.build(p.unit, p.cfg, p.hyper, originals)
+    except OffcompError:  # the structure depends on the fit (a joint pruning unit's split): fit again
+        return False
     record = resume.load_unit(i, layers, p.unit.names)
     if record is None:
         return False

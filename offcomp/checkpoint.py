@@ -5,10 +5,14 @@
     offcomp.json        format version, base model + hash, expanded plan, per-unit method/config/
                         hyper-parameters/shapes/parameter counts, timings, versions, and the size +
                         sha256 of every other file (`files`) and of itself (`self_sha256`)
-    config.json, tokenizer files
+    config.json         the architecture's config plus `quantization_config: {quant_method: "offcomp",
+                        units: [...]}`, so with offcomp imported any `AutoModelFor….from_pretrained(DIR)`
+                        rebuilds the model (offcomp/hf_integration.py)
+    README.md           model card (offcomp/model_card.py), rebuilt by evaluations: not sealed
+    tokenizer files
 
-Loading builds the skeleton from the config, rebuilds empty replacement layers through the method
-registry, swaps them in, then loads the tensors. No pickle, no imports taken from strings.
+Loading is `from_pretrained` through the offcomp quantizer: skeleton on the meta device, empty
+replacement layers through the method registry, then the tensors. No pickle, no imports from strings.
 Every recorded file is checked first (sizes always, hashes unless `verify=False`), and the
 manifest's structure is validated, so a damaged checkpoint is one clear error, never a wrong number.
 """
@@ -28,20 +32,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import _remove_duplicate_names, load_file, save_file
+from safetensors.torch import _remove_duplicate_names, save_file
 
 from .errors import OffcompError
+from .hf_integration import FORMAT_VERSION, QUANT_METHOD, UNIT_KEYS, attach, prefixed
 from .integrity import hash_files, read_json, seal, verify_document, verify_files
 from .plan import Budget
 from .records import dumps
 from .registry import FitUnit, get_method
 from .swap import densify_, install, module_view
 
-FORMAT_VERSION = 1
 MANIFEST = "offcomp.json"
 WEIGHTS = "model.safetensors"
 RESULTS = "results.jsonl"  # appended next to the checkpoint by evaluations; not part of it
+CARD = "README.md"  # the model card, rebuilt when evaluations append: derived, not sealed
 # safetensors metadata marking weights that only load through offcomp.json (factors in place of
 # weights): a directory that holds them but lost its manifest is refused, never loaded as dense.
 WEIGHTS_MARK = {"format": "pt", "offcomp_format": str(FORMAT_VERSION)}
@@ -173,28 +177,68 @@ def clean_stale(out: Path) -> list[Path]:
 
 
 def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any],
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write a compressed model as a checkpoint `from_pretrained` loads (see hf_integration).
+
+    `dtype` casts the model's floating tensors in place before writing (None: keep the model's own),
+    so the model in memory is afterwards exactly what a reload gives."""
+    from .model_card import write_model_card
+
     out = prepare_out_dir(out, overwrite)
-    model.config.architectures = [type(model).__name__]
+    if dtype is not None:
+        model.to(dtype=dtype)
+    attach(model, manifest.get("report", {}).get("units", []))
     manifest = {
         "format": "offcomp", "format_version": FORMAT_VERSION, "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": type(model).__name__, "model_type": model.config.model_type,
-        "base_prefix": _prefixed(model),
+        "base_prefix": prefixed(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **manifest,
     }
 
     def write(tmp: Path) -> None:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
-            model.generation_config.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # the quantizer writes the factors and the offcomp mark
+        _sort_metadata(tmp / WEIGHTS)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_state(model, tmp / WEIGHTS, WEIGHTS_MARK)
-        sealed = seal({**manifest, "files": hash_files(tmp, skip={MANIFEST})})
+        manifest["bytes"] = checkpoint_bytes(model, tmp, manifest.get("report", {}))
+        sealed = seal({**manifest, "files": hash_files(tmp, skip={MANIFEST, CARD})})
         (tmp / MANIFEST).write_text(dumps(sealed, indent=2))
+        write_model_card(tmp, title=out.name)
 
     return atomic_dir(out, write, overwrite)
+
+
+def checkpoint_bytes(model: nn.Module, directory: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Bytes on disk beside the parameter counts: the weights file, the tensors that replace the
+    compressed weights (per unit too, written into `report`'s units), and what those weights took
+    dense in the same dtype. Shared tensors are counted once; biases are left out, as in
+    `stored_params`."""
+    from .hf_integration import compressed_modules
+
+    mods = compressed_modules(model)
+    seen: set[int] = set()
+    total = 0
+    for unit in report.get("units", []):
+        unit_bytes = 0
+        for name in unit["names"]:
+            mod = mods.get(name)
+            if mod is None:
+                continue
+            for tname, t in [*mod.named_parameters(), *mod.named_buffers()]:
+                if tname == "bias" or tname in mod._non_persistent_buffers_set or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                unit_bytes += t.numel() * t.element_size()
+        unit["stored_bytes"] = unit_bytes
+        total += unit_bytes
+    elsize = next(model.parameters()).element_size()
+    weights = directory / WEIGHTS
+    return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "weights_file": weights.stat().st_size if weights.is_file() else None,
+            "compressed_modules": total,
+            "compressed_modules_dense": sum(u["original_params"] for u in report.get("units", [])) * elsize,
+            "dense_model_estimate": report.get("params_before", 0) * elsize}
 
 
 def save_state(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -239,6 +283,9 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     version = manifest.get("format_version")
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise OffcompError(f"{path} was written by a newer offcomp (format {version}); upgrade")
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise OffcompError(f"{path} uses offcomp checkpoint format {version} (this offcomp reads format "
+                           f"{FORMAT_VERSION}); {REMAKE}")
     try:
         _Manifest.model_validate(manifest)
     except ValidationError as e:
@@ -250,67 +297,30 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def _prefixed(model: nn.Module) -> str | None:
-    """The base-model attribute of a model with a task head (`model`, `bert`), or None if bare."""
-    prefix = getattr(model, "base_model_prefix", "")
-    return prefix if prefix and hasattr(model, prefix) and getattr(model, prefix) is not model else None
-
-
-def _renamer(src_prefix: str | None, dst_prefix: str | None):
-    """Map module/tensor names between a model saved with one head and a skeleton with another
-    (e.g. BertModel `encoder.layer.0...` → BertForSequenceClassification `bert.encoder.layer.0...`)."""
-    if src_prefix == dst_prefix:
-        return lambda name: name
-
-    def rename(name: str) -> str:
-        core = name
-        if src_prefix:
-            if not name.startswith(src_prefix + "."):
-                return name  # the saved model's own head (lm_head, cls.*): the new skeleton lacks it
-            core = name[len(src_prefix) + 1:]
-        return f"{dst_prefix}.{core}" if dst_prefix else core
-
-    return rename
-
-
-def rebuild_units(model: nn.Module, units: list[dict[str, Any]], rename: Any = lambda n: n,
-                  where: Path | None = None) -> list[str]:
-    """Swap empty replacement layers in for every unit of a manifest; returns skipped unit labels."""
-    skipped = []
+def rebuild_units(model: nn.Module, units: list[dict[str, Any]], where: Path | None = None) -> list[bool]:
+    """Swap empty replacement layers in for every unit (names as in `model`); per unit, whether it was
+    rebuilt (False: the model lacks its modules, e.g. an LM-head unit under a classification head).
+    The layers take the device and dtype of what they replace: on a meta skeleton nothing is allocated."""
+    built = []
     for u in units:
-        names = [rename(n) for n in u["names"]]
         try:
-            originals = [module_view(model, n) for n in names]
+            originals = [module_view(model, n) for n in u["names"]]
         except AttributeError:
-            skipped.append(u["label"])  # e.g. an LM head unit when loading with a task head
+            built.append(False)
             continue
         method = get_method(u["method"])
         cfg = method.parse_config(u["options"], u["label"])
-        unit = FitUnit(u["label"], names, [tuple(s) for s in u["shapes"]], u["kinds"], u["joint"],
+        unit = FitUnit(u["label"], list(u["names"]), [tuple(s) for s in u["shapes"]], u["kinds"], u["joint"],
                        Budget(u["budget"]["kind"], u["budget"]["value"]))
         try:
             layers = method.build(unit, cfg, u["hyper"], originals)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # hyper-parameters that do not fit
             raise OffcompError(f"{where or 'manifest'}: unit {u['label']!r} cannot be rebuilt "
                                f"({type(e).__name__}: {str(e)[:100]}); {REMAKE}") from None
-        for name, layer in zip(names, layers):
+        for name, layer in zip(u["names"], layers):
             install(model, name, layer)
-    return skipped
-
-
-def _with_shared_names(file: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors under every name they had: `save_model` keeps one name of a shared
-    tensor (e.g. an MLM decoder tied to the input embedding may be kept as the decoder) and records
-    the dropped names in the metadata, so loading under another head still finds the base's name."""
-    from safetensors import safe_open
-
-    state = load_file(str(file))
-    with safe_open(str(file), "pt") as f:
-        meta = f.metadata() or {}
-    for dropped, kept in meta.items():
-        if kept in state and dropped not in state:
-            state[dropped] = state[kept]
-    return state
+        built.append(True)
+    return built
 
 
 def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | None = None,
@@ -341,39 +351,45 @@ def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | N
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise OffcompError(f"{path}/config.json cannot be read ({str(e).splitlines()[0][:120]}); {REMAKE}") from None
-    if num_labels is not None:
-        config.num_labels = num_labels
-    model = HEADS[head].from_config(config)
-    rename = _renamer(manifest.get("base_prefix"), _prefixed(model))
-    skipped = rebuild_units(model, manifest["report"]["units"], rename, where=path / MANIFEST)
+    qc = getattr(config, "quantization_config", None) or {}
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise OffcompError(f"{path}/config.json has no offcomp quantization_config; {REMAKE}")
+    _check_same_units(path, manifest, qc)
+    kwargs: dict[str, Any] = {"num_labels": num_labels} if num_labels is not None else {}
     try:
-        state = {rename(k): v for k, v in _with_shared_names(path / WEIGHTS).items()}
-    except (SafetensorError, OSError) as e:
-        raise OffcompError(f"{path / WEIGHTS} is not a readable safetensors file ({str(e)[:120]}); {REMAKE}") from None
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatch: the tensors do not fit the manifest's structure
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-        raise OffcompError(f"{path}/{WEIGHTS} does not match its manifest ({detail[:160]})") from None
-    # Names of a shared tensor are saved once; the others are filled through the shared object.
-    alias: dict[int, list[str]] = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        alias.setdefault(id(v), []).append(k)
-    by_key = {k: ks for ks in alias.values() for k in ks}
-    missing = [k for k in result.missing_keys if not any(a in state for a in by_key.get(k, [k]))]
-    if head == saved_head and (missing or result.unexpected_keys):
-        bad = (missing or result.unexpected_keys)[0]
+        model, info = HEADS[head].from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    except OffcompError:
+        raise
+    except (RuntimeError, ValueError, OSError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "size mismatch" in ln or "offcomp" in ln), lines[0] if lines else "")
+        raise OffcompError(f"{path}/{WEIGHTS} does not match its manifest ({detail[:160]}); {REMAKE}") from None
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if head == saved_head and (missing or unexpected):
+        bad = (missing or unexpected)[0]
         raise OffcompError(f"{path}/{WEIGHTS} does not match its manifest (first mismatch: {bad}); re-run compress")
-    base = _prefixed(model)
+    base = prefixed(model)
     if base and any(k.startswith(base + ".") for k in missing):
         raise OffcompError(f"{path}: base weights missing for head {head!r} (first: {missing[0]})")
-    model.eval().to(device=device, dtype=dtype)
+    model.eval().to(device=device)
+    skipped = model.hf_quantizer.skipped_units
     tokenizer = _load_tokenizer(path, AutoTokenizer, required=files is None or any(
         n.startswith("tokenizer") for n in files))
     manifest["loaded"] = {"head": head, "skipped_units": skipped, "new_keys": missing,
                           "verified": "sha256" if verify and files is not None else
                           ("size" if files is not None else "none (manifest records no file hashes)")}
     return ModelBundle(model, tokenizer, str(path), str(path.resolve()), sha, head_kind(head, config), head, manifest)
+
+
+def _check_same_units(path: Path, manifest: dict[str, Any], qc: dict[str, Any]) -> None:
+    """config.json's quantization_config rebuilds the model, offcomp.json records (and vouches for)
+    it: the two must describe the same units."""
+    recorded = [{k: u.get(k) for k in UNIT_KEYS} for u in manifest["report"]["units"]]
+    rebuilt = [{k: u.get(k) for k in UNIT_KEYS} for u in qc.get("units") or []]
+    if json.loads(json.dumps(recorded)) != json.loads(json.dumps(rebuilt)):
+        raise OffcompError(f"{path}/{WEIGHTS} does not match its manifest (config.json's quantization_config "
+                           f"describes other units than {MANIFEST}); {REMAKE}")
 
 
 def _load_tokenizer(path: Path, auto: Any, required: bool) -> Any:
@@ -396,6 +412,8 @@ def export_dense(src: str | Path, out: str | Path, overwrite: bool = False, veri
     bundle = load_model(str(src), verify=verify)
     model = bundle.model
     densify_(model)
+    model.hf_quantizer.remove_quantization_config(model)  # a plain checkpoint now
+    model.config._is_quantized = False
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

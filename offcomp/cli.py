@@ -298,6 +298,9 @@ def compress(
     modular_mode: Annotated[str | None, typer.Option(
         help="quick form: modular training per block on dense inputs (blocks) or per layer on the compressed "
              "model's own hidden states (sequential)")] = None,
+    save_dtype: Annotated[str | None, typer.Option(
+        help="dtype of the saved weights: fp32, bf16 or fp16 (default: the base checkpoint's own); "
+             "fitting always runs in fp32/fp64")] = None,
     device: Device = "cpu",
     seed: int = 0,
     dry_run: Annotated[bool, typer.Option(help="expand and validate the plan, print the table, write nothing")] = False,
@@ -346,7 +349,8 @@ def compress(
         result = compress_model(model, the_plan, out_dir, device=device, seed=seed, stats=stats_data, calib=calib,
                                 valid=valid,
                                 overwrite=overwrite, dry_run=dry_run, trust_remote_code=trust_remote_code,
-                                plan_source=source, progress=progress, verify=not no_verify, warn=warn_line)
+                                plan_source=source, save_dtype=save_dtype, progress=progress,
+                                verify=not no_verify, warn=warn_line)
     table = Table(title=f"{'dry run: ' if dry_run else ''}{model} → {out_dir or '-'}")
     for col in ("group", "method", "modules", "mode", "hyper", "original", "stored", "max rel. error"):
         table.add_column(col)
@@ -362,7 +366,8 @@ def compress(
     if not dry_run:
         rep = result["report"]
         table.caption = (f"params {rep['params_before']:,} → {rep['params_after']:,} "
-                         f"(ratio {rep['ratio']:.3f}) in {rep['seconds']:.1f}s")
+                         f"(ratio {rep['ratio']:.3f}) in {rep['seconds']:.1f}s; "
+                         f"model.safetensors {result['bytes']['weights_file']:,} bytes ({result['bytes']['dtype']})")
     emit(result, as_json, table)
 
 

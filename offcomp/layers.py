@@ -6,6 +6,8 @@ compressed layers with `isinstance` and rebuild a dense weight with `to_dense()`
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +17,21 @@ class CompressedModule(nn.Module):
     """Marker base for replacement layers. `kind` is "linear" or "embedding"."""
 
     kind: str = "linear"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Code written for the dense module reads `.weight` (transformers' `_init_weights` of
+            # GPT-2 reaches into `mlp.c_proj.weight` after every load): give it a detached dense
+            # copy, never a tensor of the model (writing into it changes nothing).
+            if name != "weight" or self.__dict__.get("_densifying"):
+                raise  # (a to_dense that reads self.weight, before it is registered, must not loop)
+            self.__dict__["_densifying"] = True
+            try:
+                return self.to_dense().detach()
+            finally:
+                del self.__dict__["_densifying"]
 
     def to_dense(self) -> torch.Tensor:
         """The weight this module stands for, shaped like the original (out, in) / (num, dim)."""

@@ -143,6 +143,16 @@ def resolve(name: str) -> str:
     return name  # a hub id
 
 
+def stored_dtype(source: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The floating dtype a checkpoint stores its weights in (config `dtype` / `torch_dtype`);
+    float32 when the config does not say (or says "auto")."""
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
 # Architecture-name endings of the language-model heads, besides transformers' own auto mappings
 # (which name every LM head class it knows: GPT2LMHeadModel, XLMWithLMHeadModel, ...).
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "WithLMHead")
@@ -235,6 +245,12 @@ def refuse_orphan_factors(source: str) -> None:
     from safetensors import SafetensorError, safe_open
 
     d = Path(source)
+    try:
+        qc = json.loads((d / "config.json").read_text()).get("quantization_config") if d.is_dir() else None
+    except (OSError, ValueError, AttributeError):
+        qc = None
+    if isinstance(qc, dict) and qc.get("quant_method") == "offcomp":
+        return  # written by save_pretrained: config.json describes the factors, from_pretrained rebuilds them
     for f in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
         try:
             with safe_open(str(f), "pt") as sf:

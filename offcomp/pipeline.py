@@ -13,10 +13,10 @@ import torch
 from pydantic import ValidationError
 
 from .api import compress_, count_params, plan_units
-from .checkpoint import prepare_out_dir, save_compressed, versions
+from .checkpoint import prepare_out_dir, read_manifest, save_compressed, versions
 from .errors import OffcompError
 from .hygiene import contamination, text_identity
-from .models import ModelBundle, cache_dir, load_model
+from .models import ModelBundle, cache_dir, load_model, stored_dtype
 from .modular import modular_train, teacher_copy
 from .plan import Group, Plan
 from .progress import ProgressFn, no_progress
@@ -110,11 +110,15 @@ def compress_model(
     dry_run: bool = False,
     trust_remote_code: bool = False,
     plan_source: str | None = None,
+    save_dtype: str | None = None,
     progress: ProgressFn | None = None,
     verify: bool = True,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compress a named model by a plan and save the checkpoint; returns the manifest.
+
+    Fitting runs in fp32/fp64 whatever `save_dtype` (fp32, bf16, fp16; default: the dtype the base
+    checkpoint stores) says; the weights are cast only when written.
 
     `calib` ({"data", "split", "samples", "seq_len", "seed"}) captures the statistics the plan needs
     on the fly (cached like `offcomp capture`); a plan with `allocate` gets its ranks first. `warn`
@@ -125,6 +129,7 @@ def compress_model(
         raise OffcompError("compress needs --out DIR (or --dry-run)")
     if out is not None and not dry_run:
         prepare_out_dir(out, overwrite, sources=(model,))
+    cast = parse_dtype(save_dtype) if save_dtype is not None else None
     if calib is not None and stats is not None:
         raise OffcompError("give either --stats DIR or --calib-data, not both")
     if plan.modular is not None and calib is None and not dry_run:
@@ -209,7 +214,8 @@ def compress_model(
         manifest["resume"] = {"partial": str(store.path), "resumed_units": report.resumed_units,
                               "fitted_units": len(report.units) - report.resumed_units,
                               "resumed_modular_layers": store.resumed_layers}
-        save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite)
+        save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite,
+                        dtype=cast or stored_dtype(bundle.source, trust_remote_code))
     except OffcompError:
         store.close(remove=True)  # bad input fails again on a re-run: nothing is left behind
         raise
@@ -217,7 +223,7 @@ def compress_model(
         store.close(remove=False)  # a kill, Ctrl-C or crash: re-running the same command resumes
         raise
     store.close(remove=True)
-    return {"out": str(out), **manifest, "versions": versions()}
+    return {"out": str(out), **read_manifest(out)}
 
 
 def _text_sha256(source: dict[str, Any] | None) -> str | None:
@@ -273,9 +279,15 @@ def results_path(bundle: ModelBundle, results: str | Path | None) -> Path:
 
 
 def append_result(path: Path, record: dict[str, Any]) -> None:
+    """Append a record; in a compressed checkpoint also rebuild its model card (README.md)."""
+    from .checkpoint import MANIFEST
+    from .model_card import write_model_card
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(dumps(record) + "\n")
+    if (path.parent / MANIFEST).is_file():
+        write_model_card(path.parent)
 
 
 def model_record(bundle: ModelBundle) -> dict[str, Any]:
@@ -290,6 +302,9 @@ def model_record(bundle: ModelBundle) -> dict[str, Any]:
         # method, grouping, budget, compressed modules' counts, calibration: a record that
         # `offcomp report` can place without the checkpoint at hand
         rec["compression"] = compression_summary(bundle.manifest)
+        size = bundle.manifest.get("bytes") or {}
+        rec["compressed_modules_bytes"] = size.get("compressed_modules")
+        rec["weights_dtype"] = size.get("dtype")
     else:
         rec["params_before"] = rec["params_after"] = count_params(bundle.model)
     # what the model's weights take on disk (its *.safetensors files); None for a remote hub id

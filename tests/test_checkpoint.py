@@ -37,7 +37,7 @@ def compressed(tmp_path_factory, llama_dir):
 def test_manifest_records_protocol(compressed, llama_dir):
     out, _ = compressed
     m = read_manifest(out)
-    assert m["format_version"] == 1 and m["base"]["name"] == str(llama_dir) and len(m["base"]["sha256"]) == 64
+    assert m["format_version"] == 2 and m["base"]["name"] == str(llama_dir) and len(m["base"]["sha256"]) == 64
     rep = m["report"]
     assert rep["params_before"] > rep["params_after"] == rep["params_before"] - sum(
         u["original_params"] - u["stored_params"] for u in rep["units"])

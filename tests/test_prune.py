@@ -10,7 +10,7 @@ from offcomp.api import compress_, plan_units
 from offcomp.checkpoint import load_compressed, save_compressed
 from offcomp.errors import OffcompError
 from offcomp.layers import CompressedModule
-from offcomp.methods.prune import MaskedEmbedding, MaskedLinear, index_cost, row_quotas
+from offcomp.methods.prune import MaskedEmbedding, MaskedLinear, pack_mask, row_quotas, unpack_mask
 from offcomp.methods.prune_structured import ColumnSubsetLinear, RowSubsetLinear
 from offcomp.plan import Budget, parse_plan
 from offcomp.registry import FitContext, FitUnit, get_method
@@ -167,9 +167,45 @@ def test_same_budget_as_svd_within_one_percent():
         assert abs(counts["prune"] - counts["svd"]) <= 0.01 * counts["prune"]
 
 
-def test_index_bytes_pick_the_cheaper_format():
-    assert index_cost([(100, 100)], 5000) == ("bitmap", 1250)  # dense: 1 bit per entry wins
-    assert index_cost([(100, 100)], 100) == ("csr", 100 * 2 + 101 * 4)  # sparse: int16 columns + row pointers
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 8), (7, 13)])
+def test_bitmap_packs_8_entries_per_byte_and_round_trips(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.4
+    bits = pack_mask(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(bits, shape), mask)
+
+
+def test_pruned_layer_stores_kept_values_and_bitmap_only():
+    mods = linears((16, 24))
+    _, _, (layer,), _ = run("prune", mods, Budget("ratio", 0.5), joint=False)
+    state = layer.state_dict()
+    assert set(state) == {"values", "bitmap"}  # linears() of these tests have no bias
+    assert state["values"].numel() == 16 * 24 // 2 and state["bitmap"].numel() == 16 * 24 // 8
+    assert torch.equal(layer.to_dense(), mods[0].weight.detach() * layer.mask)
+
+
+def test_half_pruned_checkpoint_is_smaller_than_dense_on_disk(tmp_path):
+    """A 50 % pruned model's file is smaller than the dense one (it was larger with a byte mask)."""
+    from .conftest import save_model_dir
+
+    dense = tiny_llama(vocab_size=32)
+    save_model_dir(dense, _NoTokenizer(), tmp_path / "dense")
+    model = tiny_llama(vocab_size=32)
+    plan = parse_plan({"groups": [{"modules": ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate",
+                                               "mlp.down"], "method": "prune", "ratio": 0.5}]})
+    report = compress_(model, plan)
+    save_compressed(model, None, tmp_path / "ck", {"head": "causal-lm", "report": report.to_dict()})
+    manifest = load_compressed(tmp_path / "ck").manifest
+    sizes = manifest["bytes"]
+    # values: half the weights in fp32 (2 bytes/weight) + bitmap (1/8 byte/weight) = 2.125 of 4
+    assert sizes["compressed_modules"] == int(sizes["compressed_modules_dense"] * 2.125 / 4)
+    assert sizes["weights_file"] == (tmp_path / "ck" / "model.safetensors").stat().st_size
+    assert sizes["weights_file"] < (tmp_path / "dense" / "model.safetensors").stat().st_size * 0.7
+
+
+class _NoTokenizer:
+    def save_pretrained(self, path):
+        pass
 
 
 def test_finetuning_keeps_pruned_weights_zero():
@@ -179,6 +215,7 @@ def test_finetuning_keeps_pruned_weights_zero():
     layer(torch.randn(8, 16)).pow(2).sum().backward()
     opt.step()
     assert (layer.to_dense()[~layer.mask] == 0).all() and (layer.weight[~layer.mask] == 0).all()
+    assert layer.values.grad is not None and layer.values.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])

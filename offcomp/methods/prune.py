@@ -27,15 +27,13 @@ Scores (`score`):
         "xtx":    (in, in) Gram matrix XᵀX in fp64; its diagonal is the same Σ_t x_tj².
     Embeddings have no input activations, so wanda applies to linear layers only.
 
-Storage. The layer keeps the dense weight (pruned entries zero) as an nn.Parameter and a
-persistent boolean mask buffer and computes with weight·mask, so fine-tuning keeps pruned entries
-at zero. That is the honest *parameter* count (K values) but not a compact file: the safetensors
-file holds the dense weight and a one-byte-per-entry mask. The bytes a sparse format would need
-are reported in the hyper-parameters (and so in the manifest): values plus the cheaper index of
-  - a bitmap: Σ ⌈n·m/8⌉ bytes, or
-  - CSR: K column indices of 2 bytes (4 if some matrix has more than 65536 columns) plus n+1
-    int32 row pointers per matrix.
-The bitmap wins above 1/16 density (cr < 16 with 2-byte indices), CSR below.
+Storage. A layer stores only what the budget pays for: the K kept values (a parameter, row-major
+order) and the mask as a bitmap packed 8 entries per byte (a uint8 buffer of ⌈n·m/8⌉ bytes), so
+the file holds K values + n·m/8 bytes instead of n·m values (50 % kept in bf16: 1.125 bytes per
+original weight instead of 2). The dense weight is rebuilt on the fly in `forward` (a scatter of
+the values into the bitmap's positions); training updates the kept values only, so pruned entries
+stay zero. A bitmap beats a CSR index (2-byte columns + row pointers) above 1/16 density; below
+that CSR would be smaller, which this layout does not exploit.
 """
 
 from __future__ import annotations
@@ -82,51 +80,88 @@ class PruneConfig(MethodConfig):
     _pattern = field_validator("pattern", mode="before")(check_pattern)
 
 
-class MaskedLinear(CompressedModule):
-    """y = x (W ⊙ M)ᵀ + b with a fixed boolean mask M: pruned weights stay zero under training."""
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as a flat bitmap, 8 entries per byte (entry i is bit i % 8 of byte i // 8)."""
+    flat = mask.flatten().to(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    return (flat << torch.arange(8, dtype=torch.uint8, device=flat.device)).sum(1, dtype=torch.uint8)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool,
+
+def unpack_mask(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The boolean (n, m) mask of a bitmap written by `pack_mask`."""
+    n = shape[0] * shape[1]
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits[:, None] >> shifts) & 1).flatten()[:n].view(shape).bool()
+
+
+class _SparseWeight(CompressedModule):
+    """Kept values + packed bitmap of one (rows, cols) matrix; `weight` and `mask` are rebuilt views."""
+
+    def _init_sparse(self, rows: int, cols: int, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+        self._shape = (rows, cols)
+        self.values = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
+        self.register_buffer("bitmap", torch.zeros(-(-rows * cols // 8), dtype=torch.uint8, device=device))
+
+    def _alloc(self, keep: int) -> None:
+        """Size the values for `keep` kept weights (the unit's hyper says how many each layer holds)."""
+        self.values = nn.Parameter(self.values.new_zeros(keep))
+
+    def set_sparse(self, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        """Store `weight` at the positions `mask` keeps."""
+        mask = mask.to(device=self.bitmap.device, dtype=torch.bool)
+        self.bitmap = pack_mask(mask)
+        self.values = nn.Parameter(weight.detach().to(self.values)[mask].contiguous())
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return unpack_mask(self.bitmap, self._shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (rows, cols) weight, zero where pruned; differentiable in the kept values."""
+        flat = self.values.new_zeros(self._shape[0] * self._shape[1])
+        return flat.masked_scatter(self.mask.flatten(), self.values).view(self._shape)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight
+
+    def stored_values(self) -> int:
+        """Weights actually stored: what `stored_params` counts."""
+        return self.values.numel()
+
+
+class MaskedLinear(_SparseWeight):
+    """y = x Wᵀ + b with W zero outside a fixed mask; stores only the kept values (see Storage)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, keep: int = 0,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype, device=device))
-        self.register_buffer("mask", torch.zeros(out_features, in_features, dtype=torch.bool, device=device))
+        self._init_sparse(out_features, in_features, dtype, device)
+        self._alloc(keep)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
-
-    def to_dense(self) -> torch.Tensor:
-        return self.weight * self.mask
-
-    def stored_values(self) -> int:
-        """Weights actually stored (the mask's population): what `stored_params` counts."""
-        return int(self.mask.sum())
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kept={self.stored_values()}"
 
 
-class MaskedEmbedding(CompressedModule):
-    """Embedding table E ⊙ M; looks rows up first and masks only those, never the whole table."""
+class MaskedEmbedding(_SparseWeight):
+    """Embedding table E zero outside a fixed mask; stores only the kept values (see Storage)."""
 
     kind = "embedding"
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, keep: int = 0,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=dtype, device=device))
-        self.register_buffer("mask", torch.zeros(num_embeddings, embedding_dim, dtype=torch.bool, device=device))
+        self._init_sparse(num_embeddings, embedding_dim, dtype, device)
+        self._alloc(keep)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight, self.padding_idx) * self.mask[ids]
-
-    def to_dense(self) -> torch.Tensor:
-        return self.weight * self.mask
-
-    def stored_values(self) -> int:
-        return int(self.mask.sum())
+        return F.embedding(ids, self.weight, self.padding_idx)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, kept={self.stored_values()}"
@@ -239,16 +274,25 @@ def solve_keep(unit: FitUnit, pattern: str | None, method: str) -> dict[str, Any
         raise OffcompError(f"group {unit.label!r}: {b} keeps no weight at all; raise the budget")
     if keep >= total:
         raise OffcompError(f"group {unit.label!r}: {b} keeps all {total} weights (saves nothing)")
-    fmt, idx_bytes = index_cost(unit.shapes, keep)
-    return {"keep": keep, "index": fmt, "index_bytes": idx_bytes,
-            "bytes_fp32": 4 * keep + idx_bytes, "bytes_16bit": 2 * keep + idx_bytes}
+    return {"keep": keep, "index": "bitmap", "index_bytes": bitmap_bytes(unit.shapes)}
 
 
-def build_masked(unit: FitUnit, originals: list[nn.Module]) -> list[CompressedModule]:
+def kept_counts(masks: list[torch.Tensor]) -> list[int]:
+    """Weights each matrix keeps: a fit records them in the hyper-parameters as "kept" before
+    building, because `build_masked` sizes the stored values by them (in a joint unit the split of
+    the budget between matrices depends on the data)."""
+    return [int(mk.sum()) for mk in masks]
+
+
+def build_masked(unit: FitUnit, originals: list[nn.Module], hyper: dict[str, Any]) -> list[CompressedModule]:
     """Empty masked layers (the replacement of every pruning method), in the originals' dtype."""
+    kept = hyper.get("kept", [hyper["keep"]] if len(unit.shapes) == 1 else None)
+    if kept is None or len(kept) != len(unit.shapes):
+        raise OffcompError(f"group {unit.label!r}: pruning hyper-parameters lack the per-matrix kept counts; "
+                           "re-run `offcomp compress`")
     out: list[CompressedModule] = []
-    for (n, m), kind, orig in zip(unit.shapes, unit.kinds, originals):
-        kw = {"dtype": orig.weight.dtype, "device": orig.weight.device}
+    for (n, m), kind, orig, k in zip(unit.shapes, unit.kinds, originals, kept):
+        kw = {"keep": int(k), "dtype": orig.weight.dtype, "device": orig.weight.device}
         if kind == "embedding":
             out.append(MaskedEmbedding(n, m, getattr(orig, "padding_idx", None), **kw))
         else:
@@ -260,9 +304,7 @@ def fill_masked(layers: list[CompressedModule], originals: list[nn.Module], mask
                 weights: list[torch.Tensor], names: list[str], log: Any) -> list[CompressedModule]:
     """Copy masks and (masked) weights into built layers, keep the original biases, log the counts."""
     for layer, orig, mask, w, name in zip(layers, originals, masks, weights, names):
-        mask = mask.to(orig.weight.device)
-        layer.mask.copy_(mask)
-        layer.weight.data.copy_(w.to(device=orig.weight.device, dtype=orig.weight.dtype) * mask)
+        layer.set_sparse(w.to(device=orig.weight.device, dtype=orig.weight.dtype), mask.to(orig.weight.device))
         if getattr(orig, "bias", None) is not None:
             layer.bias.data.copy_(orig.bias.data)
         kept = layer.stored_values()
@@ -270,12 +312,9 @@ def fill_masked(layers: list[CompressedModule], originals: list[nn.Module], mask
     return layers
 
 
-def index_cost(shapes: list[tuple[int, int]], keep: int) -> tuple[str, int]:
-    """Bytes of the cheaper sparse index for `keep` values: ("bitmap" | "csr", bytes)."""
-    bitmap = sum(-(-n * m // 8) for n, m in shapes)
-    width = 2 if all(m <= 1 << 16 for _, m in shapes) else 4
-    csr = keep * width + sum(4 * (n + 1) for n, _ in shapes)
-    return ("bitmap", bitmap) if bitmap <= csr else ("csr", csr)
+def bitmap_bytes(shapes: list[tuple[int, int]]) -> int:
+    """Bytes of the packed masks of a unit: Σ ⌈n·m/8⌉."""
+    return sum(-(-n * m // 8) for n, m in shapes)
 
 
 @register
@@ -301,7 +340,7 @@ class Prune(Method):
     def build(
         self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any], originals: list[nn.Module]
     ) -> list[CompressedModule]:
-        return build_masked(unit, originals)
+        return build_masked(unit, originals, hyper)
 
     def fit(
         self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any], originals: list[nn.Module], ctx: FitContext
@@ -323,5 +362,6 @@ class Prune(Method):
             flat = keep_exactly(torch.cat([s.flatten() for s in scores]), keep)
             masks = [m.view(s.shape) for m, s in zip(torch.split(flat, [s.numel() for s in scores]), scores)]
         del scores
+        hyper["kept"] = [int(mk.sum()) for mk in masks]  # recorded for `build` when loading
         layers = self.build(unit, cfg, hyper, originals)
         return fill_masked(layers, originals, masks, [o.weight.detach() for o in originals], unit.names, ctx.log)

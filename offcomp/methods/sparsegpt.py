@@ -52,7 +52,7 @@ from pydantic import Field, field_validator
 from ..errors import OffcompError
 from ..layers import CompressedModule
 from ..registry import FitContext, FitUnit, Method, MethodConfig, register
-from .prune import build_masked, check_pattern, fill_masked, keep_exactly, pattern_nm, solve_keep
+from .prune import build_masked, check_pattern, fill_masked, keep_exactly, kept_counts, pattern_nm, solve_keep
 
 
 class SparseGPTConfig(MethodConfig):
@@ -185,7 +185,7 @@ class SparseGPT(Method):
     def build(
         self, unit: FitUnit, cfg: SparseGPTConfig, hyper: dict[str, Any], originals: list[nn.Module]
     ) -> list[CompressedModule]:
-        return build_masked(unit, originals)
+        return build_masked(unit, originals, hyper)
 
     def fit(
         self, unit: FitUnit, cfg: SparseGPTConfig, hyper: dict[str, Any], originals: list[nn.Module],
@@ -202,5 +202,6 @@ class SparseGPT(Method):
             ctx.log(f"{name}: relative output error on calibration {output_error(W, W_hat, H):.4f}")
             weights.append(W_hat)
             masks.append(keep)
+        hyper["kept"] = kept_counts(masks)
         layers = self.build(unit, cfg, hyper, originals)
         return fill_masked(layers, originals, masks, weights, unit.names, ctx.log)
