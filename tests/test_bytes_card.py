@@ -97,7 +97,7 @@ def test_evaluation_updates_the_card_and_records_bytes(evaluated):
     out, _, record = evaluated
     card = (out / "README.md").read_text()
     assert "None recorded yet" not in card and f"{record['ppl']:.4g}" in card
-    assert record["bytes_on_disk"] == (out / "model.safetensors").stat().st_size
+    assert record["weights_bytes"] == (out / "model.safetensors").stat().st_size
     assert record["weights_dtype"] == "float32" and record["compressed_modules_bytes"] > 0
     assert not list(out.glob(".README.md.tmp-*"))  # written atomically, nothing left behind
 
@@ -116,6 +116,7 @@ def test_card_survives_a_damaged_results_line(evaluated, tmp_path):
 def test_report_shows_bytes_beside_parameters(evaluated, base_dirs, tmp_path):
     out, _, record = evaluated
     rows = collect(out.parent)
-    assert [r["bytes"] for r in rows] == [record["bytes_on_disk"]]
+    assert [r["bytes"] for r in rows] == [record["weights_bytes"]] == [(out / "model.safetensors").stat().st_size]
+    assert rows[0]["params"] == record["params_after"]
     base = evaluate_ppl(str(base_dirs[0]), "embedded", seq_len=32, max_tokens=64, results=tmp_path / "r.jsonl")
-    assert base["bytes_on_disk"] == (base_dirs[0] / "model.safetensors").stat().st_size
+    assert base["weights_bytes"] == (base_dirs[0] / "model.safetensors").stat().st_size
