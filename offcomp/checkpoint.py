@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import _remove_duplicate_names, save_file
 
 from .errors import OffcompError
@@ -361,6 +362,8 @@ def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | N
         model, info = HEADS[head].from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     except OffcompError:
         raise
+    except SafetensorError as e:
+        raise OffcompError(f"{path / WEIGHTS} is not a readable safetensors file ({str(e)[:120]}); {REMAKE}") from None
     except (RuntimeError, ValueError, OSError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "size mismatch" in ln or "offcomp" in ln), lines[0] if lines else "")

@@ -133,7 +133,8 @@ class OffcompHfQuantizer(HfQuantizer):
         qc.units = [u for u, ok in zip(units, built) if ok]
         qc.base_prefix = prefixed(model)
         model.all_tied_weights_keys.update(shared_aliases(model))
-        sentinels = {f"{n}.weight" for u in units for n in u["names"]}
+        sentinels = {f"{n}.weight" for u in units for n in u["names"]} | {
+            f"{n}.weight" for n in compressed_modules(model)}
         ignore = {"(^|\\.)" + re.escape(k) + "$" for k in sentinels}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignore
         return model
@@ -170,6 +171,11 @@ class OffcompHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # The factors are ordinary floating parameters: Trainer fine-tunes them directly (no adapters).
         return True
 
 

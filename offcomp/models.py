@@ -227,6 +227,13 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise OffcompError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        # e.g. an offcomp checkpoint whose config.json lost its quantization_config: the empty
+        # dense-weight markers do not fit the architecture
+        raise OffcompError(f"cannot load model {name!r}: its weights do not fit the architecture (size mismatch); "
+                           "an offcomp checkpoint needs its config.json quantization_config and offcomp.json") from None
     check_loading_info(model, info, name)
     # Hash only what came from the checkpoint, not a freshly initialised task head.
     sha = state_dict_sha256(model, skip=set(info.get("missing_keys", [])))
@@ -245,12 +252,6 @@ def refuse_orphan_factors(source: str) -> None:
     from safetensors import SafetensorError, safe_open
 
     d = Path(source)
-    try:
-        qc = json.loads((d / "config.json").read_text()).get("quantization_config") if d.is_dir() else None
-    except (OSError, ValueError, AttributeError):
-        qc = None
-    if isinstance(qc, dict) and qc.get("quant_method") == "offcomp":
-        return  # written by save_pretrained: config.json describes the factors, from_pretrained rebuilds them
     for f in sorted(d.glob("*.safetensors")) if d.is_dir() else []:
         try:
             with safe_open(str(f), "pt") as sf:
@@ -258,8 +259,9 @@ def refuse_orphan_factors(source: str) -> None:
         except (SafetensorError, OSError) as e:
             raise OffcompError(f"{f} is not a readable safetensors file ({str(e)[:100]})") from None
         if "offcomp_format" in meta:
-            raise OffcompError(f"{source} holds offcomp factors ({f.name}) but no offcomp.json, so it cannot be "
-                               "rebuilt; restore its offcomp.json or re-run `offcomp compress`")
+            raise OffcompError(f"{source} holds offcomp factors ({f.name}) but no offcomp.json, so offcomp cannot "
+                               "verify it; restore its offcomp.json or re-run `offcomp compress` (transformers' "
+                               "from_pretrained still loads it after `import offcomp`)")
 
 
 def check_loading_info(model: nn.Module, info: dict[str, Any], name: str) -> None:

@@ -269,10 +269,18 @@ def test_factor_dir_without_manifest_is_refused_finding_1(checkpoint, tmp_path):
     (ck / "offcomp.json").unlink()
     line = refused(eval_args(ck, tmp_path))
     assert "offcomp factors" in line and "no offcomp.json" in line
-    # without offcomp's mark in the weights (an older checkpoint), the key check still refuses
+    # without offcomp's mark in the weights, config.json's quantization_config still rebuilds the
+    # compressed modules (through from_pretrained): the factors load, nothing is random
     sd = load_file(ck / "model.safetensors")
     save_file(sd, ck / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(OffcompError, match="lacks .* weight"):
+    from offcomp.layers import CompressedModule
+
+    assert any(isinstance(m, CompressedModule) for m in load_model(str(ck)).model.modules())
+    # without either (an older checkpoint), the key check still refuses
+    config = json.loads((ck / "config.json").read_text())
+    del config["quantization_config"]
+    (ck / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OffcompError, match="do not fit the architecture"):
         load_model(str(ck))
 
 
