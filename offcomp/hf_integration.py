@@ -89,16 +89,16 @@ def compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
 def shared_aliases(model: nn.Module) -> dict[str, str]:
     """{alias: first name} for tensors of compressed modules reachable under several names (a joint
     group's shared factor). transformers loads and saves one name and ties the others to it."""
-    mods = compressed_modules(model)
+    ours = {id(p) for m in compressed_modules(model).values() for p in m.parameters()}
     first: dict[int, str] = {}
     out: dict[str, str] = {}
-    for mname, mod in sorted(mods.items()):
-        for pname, p in mod.named_parameters(recurse=True, remove_duplicate=False):
-            full = f"{mname}.{pname}"
-            if id(p) in first:
-                out[full] = first[id(p)]
-            else:
-                first[id(p)] = full
+    for name, p in model.named_parameters(remove_duplicate=False):  # every name once, model order
+        if id(p) not in ours:
+            continue
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
     return out
 
 
