@@ -177,7 +177,8 @@ def main() -> None:
     rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
     done = {(r["method"], r["budget"]) for r in rows}
     model_type = load_model(args.model).model.config.model_type
-    todo = [("dense", None)] + [(m, v) for v in cfg["values"] for m in cfg["methods"]]
+    # the dense reference last: the compressed rows are what a partial run (on a busy machine) must have
+    todo = [(m, v) for v in cfg["values"] for m in cfg["methods"]] + [("dense", None)]
     for spec, value in todo:
         key = (spec, "-" if value is None else f"{cfg['budget']} {value}")
         if key in done:
