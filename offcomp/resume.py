@@ -53,6 +53,8 @@ class PartialStore:
     def __init__(self, out: str | Path, material: dict[str, Any]) -> None:
         self.path = partial_dir(out)
         self.key = resume_key(material)
+        # parents of --out that this run creates: removed again if it ends with nothing to show
+        self._created = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = os.open(self.path / "lock", os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -160,4 +162,9 @@ class PartialStore:
         a run stopped before any work was kept (e.g. a plan refused): nothing is left behind."""
         if remove or not any(self.path.glob("*.safetensors")):
             shutil.rmtree(self.path, ignore_errors=True)
+            for d in self._created:  # deepest first; a non-empty one (the output is in it) stays
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
         os.close(self._lock)

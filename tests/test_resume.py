@@ -161,6 +161,16 @@ def test_a_damaged_partial_unit_is_fitted_again(tmp_path, llama_dir):
     assert file_sha256(out / "model.safetensors") == file_sha256(tmp_path / "ref" / "model.safetensors")
 
 
+def test_a_refused_plan_leaves_no_new_parent_directories(tmp_path, llama_dir):
+    """A plan refused once the model is loaded (here: the budget keeps more than it saves) must leave
+    nothing behind, not even the parent directories of --out that the partial store created (found
+    by the CLI fuzzer: `out/` stayed behind, empty)."""
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(OffcompError):
+        compress_model(str(llama_dir), quick_plan("llama", "svd", rank=10_000, modules=["mlp.up"]), out)
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("mode", ["sequential", "blocks"])
 def test_interrupted_modular_training_resumes_bit_identically(tmp_path, llama_dir, mode):
     plan = quick_plan("llama", "svd", ratio=0.5, modular={"epochs": 2, "mode": mode, "mixup": 0.5})
