@@ -254,6 +254,9 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
             opts[key] = json.loads(value)
         except json.JSONDecodeError:
             opts[key] = value
+        except RecursionError:  # e.g. -o k=[[[[...]]]]: no method option is nested like that
+            raise OffcompError(f"--option {key}: value nested too deeply; options are numbers, strings, "
+                               "booleans or short lists") from None
     return opts
 
 

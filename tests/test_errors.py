@@ -80,6 +80,14 @@ def test_usage_errors_are_one_line_exit_2(llama_dir):
         assert one_line(res.stderr), (args, res.stderr)
 
 
+def test_deeply_nested_option_value_is_one_line_exit_2(llama_dir, tmp_path):
+    """`-o k=[[[[...]]]]` made json.loads raise RecursionError: exit 1 (internal error) instead of 2."""
+    res = run("compress", "--model", str(llama_dir), "--method", "svd", "--rank", "2", "--dry-run",
+              "-o", "x=" + "[" * 100_000 + "]" * 100_000)
+    assert res.exit_code == EXIT_USER and one_line(res.stderr), res.stderr
+    assert "nested too deeply" in res.stderr
+
+
 @pytest.mark.parametrize("device", ["meta", "mps", "xla", "cuda:99", "gpu"])
 def test_unsupported_devices_are_one_line(device, llama_dir):
     for args in (["compress", "--model", str(llama_dir), "--method", "svd", "--rank", "2", "--dry-run"],
