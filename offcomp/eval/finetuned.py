@@ -110,7 +110,8 @@ _REWRITTEN = {"format", "format_version", "versions", "created", "architecture",
 def save_finetuned(model: nn.Module, tokenizer: Any, manifest: dict[str, Any] | None, head: str, dest: Path,
                    finetuned: dict[str, Any]) -> Path:
     """Save the fine-tuned `model` (with its task head) to `dest`, replacing what is there atomically."""
-    from offcomp.checkpoint import _prefixed, _renamer, atomic_dir, save_compressed
+    from offcomp.checkpoint import atomic_dir, save_compressed
+    from offcomp.hf_integration import prefixed, renamer
     from offcomp.models import head_kind
 
     if manifest is None:
@@ -125,7 +126,7 @@ def save_finetuned(model: nn.Module, tokenizer: Any, manifest: dict[str, Any] | 
             (tmp / "offcomp-finetuned.json").write_text(dumps(finetuned, indent=2))
 
         return atomic_dir(dest, write, overwrite=True)
-    rename = _renamer(manifest.get("base_prefix"), _prefixed(model))
+    rename = renamer(manifest.get("base_prefix"), prefixed(model))
     report = copy.deepcopy(manifest["report"])
     # units are named as in the fine-tuned model; those its head lacks (an LM head) are gone
     report["units"] = [{**u, "names": [rename(n) for n in u["names"]]} for u in report["units"]
