@@ -115,6 +115,16 @@ def llama():
     return tiny_llama()
 
 
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, bert_tokenizer):
+    """A tiny random llama (2 layers, the bert vocabulary) saved as a local model directory.
+
+    Shared by the whole session, so tests must not write into it: copy it first (shutil.copytree)
+    to damage or extend it. Modules that need another model define their own `llama_dir`."""
+    d = tmp_path_factory.mktemp("m") / "tiny-llama"
+    return save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer)), bert_tokenizer, d)
+
+
 @pytest.fixture
 def bert():
     return tiny_bert()

@@ -15,14 +15,7 @@ from offcomp.errors import OffcompError
 from offcomp.layers import LowRankLinear
 from offcomp.pipeline import compress_model
 
-from .conftest import save_model_dir, tiny_bert, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, bert_tokenizer):
-    d = tmp_path_factory.mktemp("m") / "tiny-llama"
-    save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer), layers=2), bert_tokenizer, d)
-    return d
+from .conftest import tiny_bert, tiny_llama
 
 
 @pytest.fixture(scope="module")

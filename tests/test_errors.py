@@ -35,13 +35,6 @@ def one_line(text: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, bert_tokenizer):
-    d = tmp_path_factory.mktemp("m") / "tiny-llama"
-    save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer), layers=2), bert_tokenizer, d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     f = tmp_path_factory.mktemp("t") / "river.txt"
     f.write_text(TEXT)

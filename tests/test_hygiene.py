@@ -28,12 +28,6 @@ needs_data = pytest.mark.skipif(not (WIKI / "wiki.test.raw").is_file() or not (D
                                 reason="needs ../shared/data")
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, bert_tokenizer):
-    d = tmp_path_factory.mktemp("m") / "tiny-llama"
-    return save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer)), bert_tokenizer, d)
-
-
 def _copy(tmp: Path, name: str, text: str) -> Path:
     p = tmp / name
     p.write_text(text, encoding="utf-8")

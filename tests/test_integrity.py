@@ -22,15 +22,7 @@ from offcomp.errors import OffcompError
 from offcomp.models import load_model
 from offcomp.pipeline import compress_model
 
-from .conftest import save_model_dir, tiny_llama
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, bert_tokenizer):
-    d = tmp_path_factory.mktemp("m") / "tiny-llama"
-    return save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer)), bert_tokenizer, d)
 
 
 @pytest.fixture(scope="module")

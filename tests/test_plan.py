@@ -20,6 +20,7 @@ from .conftest import tiny_bert, tiny_llama
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, bert_tokenizer):
+    # three layers, not conftest's two: test_cli_dry_run_writes_nothing counts 3 × 7 units
     d = tmp_path_factory.mktemp("models") / "tiny-llama"
     tiny_llama(vocab_size=len(bert_tokenizer), layers=3).save_pretrained(d)
     bert_tokenizer.save_pretrained(d)

@@ -13,7 +13,7 @@ from offcomp.cli import app
 from offcomp.errors import EXIT_USER, OffcompError
 from offcomp.plan import load_plan
 
-from .conftest import save_model_dir, tiny_llama
+from .conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,13 +35,6 @@ BAD_PLANS = {
     "tabs.yaml": b"groups:\n\t- modules: [mlp.up]\n",
     "too-big.yaml": GROUP.encode() + b"#" * (2 << 20),
 }
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, bert_tokenizer):
-    d = tmp_path_factory.mktemp("m") / "tiny-llama"
-    save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer), layers=2), bert_tokenizer, d)
-    return d
 
 
 @pytest.mark.parametrize("name", sorted(BAD_PLANS))
