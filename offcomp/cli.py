@@ -409,22 +409,9 @@ def eval_ppl(
                            batch_size=batch_size, device=device, dtype=dtype, seed=seed, results=results,
                            trust_remote_code=trust_remote_code, progress=progress, verify=not no_verify)
     warn_contaminated(rec)
-    table = Table(title=f"perplexity: {model}")
-    data_rec = rec.get("data", {})
-    cells = {"data": f"{data_rec.get('name')}:{data_rec.get('split')}", "scored": f"{rec['n_tokens']:,}",
-             "PPL": _num(rec["ppl"], ".4f"), "word PPL": _num(rec.get("word_perplexity"), ".4f"),
-             "bits/B": _num(rec.get("bits_per_byte"), ".4f"), "params": f"{rec['params_after']:,}",
-             "tok/s": f"{rec['tokens_per_s']:,.0f}"}
-    for col, cell in cells.items():  # numbers never wrap or shrink; the data name folds instead
-        if col == "data":
-            table.add_column(col, overflow="fold")
-        else:
-            table.add_column(col, no_wrap=True, justify="right", min_width=max(len(col), len(cell)))
-    table.add_row(*cells.values())
-    if "n_windows" in rec:  # why "scored" is below --max-tokens: a window's first token has no context
-        table.caption = (f"{rec['n_windows']:,} windows × {rec['protocol']['seq_len']:,} tokens; "
-                         f"{rec['n_tokens']:,} scored (each window's first token is context only); "
-                         "tok/s: model forward only")
+    from .terminal import ppl_table
+
+    table = ppl_table(rec, model, out.width)
     err.print(f"results appended to {rec['results_file']}", highlight=False, soft_wrap=True)
     emit(rec, as_json, table)
 

@@ -172,3 +172,58 @@ def keep_numbers_whole(table: Table, width: int = 80) -> Table:
             if all(col is not c for c, _ in numeric):
                 col.overflow = "fold"
     return table
+
+
+DATA_MIN = 12  # columns the data name keeps in the eval-ppl table before it moves to the title
+
+
+def _ppl_number(v: float | None) -> str:
+    """A perplexity cell: 4 decimals while that stays short, else 4 significant digits (a wrecked
+    model's 9.6e7 printed as `96012345.6789` pushed the data column off an 80-column table)."""
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def ppl_table(rec: dict[str, Any], model: str, width: int = 80) -> Table:
+    """The table `eval-ppl` prints for one result record. Numbers never wrap or shrink; the data
+    name folds, and keeps at least `DATA_MIN` columns: when even that does not fit `width`, it moves
+    to the title, and the least important numbers (tok/s, then params) move to the caption."""
+    data_rec = rec.get("data") or {}
+    data = f"{data_rec.get('name')}:{data_rec.get('split')}"
+    cells = {"data": data, "scored": f"{rec['n_tokens']:,}", "PPL": _ppl_number(rec["ppl"]),
+             "word PPL": _ppl_number(rec.get("word_perplexity")),
+             "bits/B": "-" if rec.get("bits_per_byte") is None else f"{rec['bits_per_byte']:.4f}",
+             "params": f"{rec['params_after']:,}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
+    widths = {k: len(k) if k == "data" else max(len(k), len(v)) for k, v in cells.items()}
+    widths["data"] = min(len(data), DATA_MIN)
+
+    def need(keys: list[str]) -> int:  # each column: its width + one space either side + one rule
+        return sum(widths[k] for k in keys) + 3 * len(keys) + 1
+
+    keys = list(cells)
+    title = f"perplexity: {model}"
+    moved: list[str] = []
+    if need(keys) > width:
+        keys.remove("data")
+        title += f" on {data}"
+    for drop in ("tok/s", "params"):
+        if need(keys) > width:
+            keys.remove(drop)
+            moved.append(f"{drop} {cells[drop]}")
+    table = Table(title=title)
+    for k in keys:
+        if k == "data":
+            table.add_column(k, overflow="fold", min_width=widths[k])
+        else:
+            table.add_column(k, no_wrap=True, justify="right", min_width=widths[k])
+    table.add_row(*(cells[k] for k in keys))
+    caption = []
+    if "n_windows" in rec:  # why "scored" is below --max-tokens: a window's first token has no context
+        caption.append(f"{rec['n_windows']:,} windows × {rec['protocol']['seq_len']:,} tokens; "
+                       f"{rec['n_tokens']:,} scored (each window's first token is context only)")
+    caption += moved
+    caption.append("tok/s: model forward only")
+    table.caption = "; ".join(caption)
+    return table
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -89,3 +90,33 @@ def test_base_model_results_go_to_the_results_dir_not_cwd(tok, tmp_path, monkeyp
     # in 80 columns the numbers stay whole (the data name folds instead)
     assert f"{rec['params_after']:,}" in table.stdout and f"{rec['bits_per_byte']:.4f}" in table.stdout
     assert max(len(line) for line in table.stdout.splitlines()) <= 80
+
+
+WRECKED = {"data": {"name": "/work/shared/data/wikitext-2-raw/wiki.test.raw", "split": "file"}, "n_tokens": 16368,
+           "ppl": 96012345.6789, "word_perplexity": 5.5e12, "bits_per_byte": 4.1234, "params_after": 134515008,
+           "tokens_per_s": 671.2, "n_windows": 16, "protocol": {"seq_len": 1024}, "results_file": "/tmp/r.jsonl"}
+
+
+@pytest.mark.parametrize("columns", ["80", "50"])
+def test_eval_ppl_table_keeps_the_data_name_when_ppl_is_wide(monkeypatch, columns):
+    """Regression: a wrecked model's PPL (9.6e7 printed with 4 decimals) and word PPL took every
+    column of an 80-column table and the data column came out blank. Hand-built record, golden text."""
+    import offcomp.pipeline
+
+    from .test_report import GOLDEN
+
+    monkeypatch.setattr(offcomp.pipeline, "evaluate_ppl", lambda *a, **k: dict(WRECKED))
+    res = CliRunner().invoke(app, ["eval-ppl", "runs/svd"], env={"COLUMNS": columns})
+    assert res.exit_code == 0, res.output
+    text = res.stdout
+    assert max(len(line) for line in text.splitlines()) <= int(columns)
+    # the data name folds over lines, in the first column (80) or the title (50); none of it is lost
+    first = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│"))
+    title = "".join(text.split("┏")[0].split())
+    assert "/work/shared/data/wikitext-2-raw/wiki.test.raw:file" in (first if columns == "80" else title)
+    for number in ("9.601e+07", "5.500e+12", "4.1234", "16,368", "134,515,008", "671"):
+        assert number in text  # whole, on one line
+    golden = GOLDEN / f"eval-ppl-{columns}.txt"
+    if os.environ.get("OFFCOMP_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
