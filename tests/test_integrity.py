@@ -201,45 +201,32 @@ def test_intact_checkpoint_and_capture_load(checkpoint, capture_dir, llama_dir, 
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.parametrize("case", CK_CASES, ids=case_id)
-def test_damaged_checkpoint_file_is_one_line_exit_2(case, checkpoint, tmp_path):
+def with_and_without_hash_check(verified: list, unverified: list) -> list:
+    """Each case of `verified` checked with hashes, each of `unverified` under --no-verify."""
+    return ([pytest.param(c, [], id=case_id(c)) for c in verified]
+            + [pytest.param(c, ["--no-verify"], id=f"{case_id(c)}:no-verify") for c in unverified])
+
+
+@pytest.mark.parametrize(("case", "flags"), with_and_without_hash_check(CK_CASES, CK_UNVERIFIED))
+def test_damaged_checkpoint_file_is_one_line_exit_2(case, flags, checkpoint, tmp_path):
     name, damage = case
     ck = tmp_path / "ck"
     shutil.copytree(checkpoint, ck)
     damage(ck / name)
-    line = refused(eval_args(ck, tmp_path))
+    line = refused(eval_args(ck, tmp_path, *flags))
     assert str(ck) in line
 
 
-@pytest.mark.parametrize("case", CK_UNVERIFIED, ids=case_id)
-def test_damaged_checkpoint_file_is_refused_without_hash_check(case, checkpoint, tmp_path):
-    name, damage = case
-    ck = tmp_path / "ck"
-    shutil.copytree(checkpoint, ck)
-    damage(ck / name)
-    refused(eval_args(ck, tmp_path, "--no-verify"))
-
-
-@pytest.mark.parametrize("case", CAP_CASES, ids=case_id)
-def test_damaged_capture_file_is_one_line_exit_2(case, capture_dir, llama_dir, tmp_path):
+@pytest.mark.parametrize(("case", "flags"), with_and_without_hash_check(CAP_CASES, CAP_UNVERIFIED))
+def test_damaged_capture_file_is_one_line_exit_2(case, flags, capture_dir, llama_dir, tmp_path):
     name, damage = case
     cap = tmp_path / "cap"
     shutil.copytree(capture_dir, cap)
     damage(cap / name)
     line = refused(["compress", "--model", str(llama_dir), "--method", "svd-llm", "--rank", "2", "--modules",
-                    "mlp.up", "--stats", str(cap), "--out", str(tmp_path / "o")])
+                    "mlp.up", "--stats", str(cap), "--out", str(tmp_path / "o"), *flags])
     assert str(cap) in line
     assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("case", CAP_UNVERIFIED, ids=case_id)
-def test_damaged_capture_file_is_refused_without_hash_check(case, capture_dir, llama_dir, tmp_path):
-    name, damage = case
-    cap = tmp_path / "cap"
-    shutil.copytree(capture_dir, cap)
-    damage(cap / name)
-    refused(["compress", "--model", str(llama_dir), "--method", "svd-llm", "--rank", "2", "--modules", "mlp.up",
-             "--stats", str(cap), "--out", str(tmp_path / "o"), "--no-verify"])
 
 
 def test_one_flipped_weight_byte_is_named_finding_2(checkpoint, tmp_path):
