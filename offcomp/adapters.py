@@ -7,8 +7,9 @@ list works, and a module's role defaults to its path inside a block (`self_attn.
 
 - `ALIASES`: friendly role names per family (`attn.q`, `mlp.up`, ...), so one plan fits BERT and
   LLaMA alike. A model type in no table still works with paths, name suffixes and regexes.
-- `FUSED`: how fused projections (GPT-2 `c_attn`, Phi-3 `qkv_proj`, ...) split into row slices, for
-  the inspection table and for structured methods that need to refuse them.
+- `FUSED`: how fused projections (GPT-2 `c_attn`, Phi-3 `qkv_proj`, GPT-NeoX/Bloom/Falcon
+  `query_key_value`, ...) split into row slices (q/k/v, gate/up), contiguous or interleaved per
+  head: the slices are roles a plan can address, and structured methods refuse the fused matrix.
 - `UNSUPPORTED_CONFIG`: structures offcomp refuses with one line instead of compressing wrongly.
 - `FORWARD_QUIRKS`: attributes a module's own forward applies besides its weight (Gemma's scaled
   embedding); a replacement module must reproduce them (offcomp.swap.install).
@@ -49,17 +50,25 @@ ALIASES: dict[str, dict[str, str]] = {
     "modernbert": {"attn.qkv": "attn.Wqkv", "attn.o": "attn.Wo", "mlp.up_gate": "mlp.Wi", "mlp.down": "mlp.Wo"},
 }
 
-# Fused projections: model_type → path inside a block → (slice names, layout). Layout "blocks": the
-# slices are consecutive row blocks (q rows, then k rows, then v rows); "per_head": rows interleave
-# per head (Bloom, GPT-NeoX: [head0 q k v, head1 q k v, ...]) or per key/value group (Falcon), so a
-# slice is not a contiguous row range.
-FUSED: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
+# Fused projections: model_type → path inside a block → (slice names, layout). The layout is the
+# order of the fused matrix's rows, read from each model's own split of the fused output:
+# - "blocks": consecutive row blocks, q (heads · head_dim rows) then two equal k/v blocks (grouped-
+#   query attention included), or two halves (gate/up) — GPT-2, Phi-3, ModernBERT, Falcon multi-query;
+# - "per_head": per attention head, its q, k and v rows (head_dim each): `view(..., heads, 3, head_dim)`
+#   (Bloom, Falcon without multi-query) or `view(..., heads, 3 * head_dim)` (GPT-NeoX);
+# - "per_group": per key/value head, the query heads that share it, then its k and v rows:
+#   `view(..., kv_heads, heads / kv_heads + 2, head_dim)` (Falcon new_decoder_architecture).
+# A layout that depends on the config is a list of (config flag, layout), the first true flag wins;
+# flag None: otherwise. offcomp.swap turns a layout into each slice's row indices.
+_FALCON_QKV = (("new_decoder_architecture", "per_group"), ("multi_query", "blocks"), (None, "per_head"))
+Layout = str | tuple[tuple[str | None, str], ...]
+FUSED: dict[str, dict[str, tuple[tuple[str, ...], Layout]]] = {
     "gpt2": {"attn.c_attn": (("q", "k", "v"), "blocks")},
     "phi3": {"self_attn.qkv_proj": (("q", "k", "v"), "blocks"), "mlp.gate_up_proj": (("gate", "up"), "blocks")},
     "modernbert": {"attn.Wqkv": (("q", "k", "v"), "blocks"), "mlp.Wi": (("up", "gate"), "blocks")},
     "gpt_neox": {"attention.query_key_value": (("q", "k", "v"), "per_head")},
     "bloom": {"self_attention.query_key_value": (("q", "k", "v"), "per_head")},
-    "falcon": {"self_attention.query_key_value": (("q", "k", "v"), "per_head")},
+    "falcon": {"self_attention.query_key_value": (("q", "k", "v"), _FALCON_QKV)},
 }
 
 # Config attributes that mark a structure offcomp cannot compress faithfully (a value > 1 or True).
@@ -80,5 +89,12 @@ def aliases_for(model_type: str) -> dict[str, str]:
     return dict(ALIASES.get(model_type, {}))
 
 
-def fused_for(model_type: str) -> dict[str, tuple[tuple[str, ...], str]]:
-    return dict(FUSED.get(model_type, {}))
+def fused_for(model_type: str, config: object = None) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Fused projections of a model type: path → (slice names, layout), the layout resolved
+    against `config` where it depends on it."""
+    out = {}
+    for path, (parts, layout) in FUSED.get(model_type, {}).items():
+        if not isinstance(layout, str):
+            layout = next(lay for flag, lay in layout if flag is None or getattr(config, flag, False))
+        out[path] = (parts, layout)
+    return out

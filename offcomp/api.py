@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .errors import OffcompError
+from .layers import take_rows
 from .plan import Plan, expand_plan
 from .progress import ProgressFn, no_progress, with_info
 from .registry import FitContext, FitUnit, Method, get_method
@@ -85,6 +86,9 @@ def plan_units(
 ) -> list[PlannedUnit]:
     """Expand and validate a plan against a model; returns what would be fitted, touching nothing."""
     structure = discover(model)
+    for i, g in enumerate(plan.groups):
+        for entry in [e for e in g.modules if e in structure.unsliced]:
+            raise OffcompError(f"group {g.name or f'group{i}'!r}: {entry}: {structure.unsliced[entry]}")
     groups = expand_plan(plan, list(structure.modules), structure.roles())
     picked = {n for g in groups for n in g.names}
     both = sorted(n for n in picked if SLICE in n and n.partition(SLICE)[0] in picked)
@@ -102,12 +106,14 @@ def plan_units(
             raise OffcompError(f"group {g.label!r}: {refused[0]} cannot be compressed: "
                                f"{structure.refused[refused[0]]}; exclude it")
         fused_paths = fused(structure)
+        # (a row slice too: its narrower output would no longer fit the widths the model splits the fused output by)
         hidden = [n for n in g.names if getattr(method, "needs_channels", False)
-                  and (m := structure.layer_regex().match(n)) and m.group(2) in fused_paths]
+                  and (m := structure.layer_regex().match(n)) and m.group(2).partition(SLICE)[0] in fused_paths]
         if hidden:
             rx = structure.layer_regex().match(hidden[0])
-            parts = "/".join(fused_paths[rx.group(2)][0])  # type: ignore[union-attr]
-            raise OffcompError(f"group {g.label!r}: {hidden[0]} is a fused projection ({parts} in one matrix); "
+            parts = "/".join(fused_paths[rx.group(2).partition(SLICE)[0]][0])  # type: ignore[union-attr]
+            what = "a row slice of a fused projection" if SLICE in hidden[0] else "a fused projection"
+            raise OffcompError(f"group {g.label!r}: {hidden[0]} is {what} ({parts} in one matrix); "
                                f"method {method.name!r} removes heads/neurons of separate projections, which "
                                f"{structure.model_type} does not expose; use a low-rank method or unstructured prune")
         bad = [n for n, k in zip(g.names, g.kinds) if k not in method.kinds]
@@ -221,10 +227,10 @@ def with_slice_stats(stats: Any, structure: Any) -> Any:
     import copy
 
     out = copy.copy(stats)
-    for name, (owner, a, b) in structure.slices.items():
+    for name, (owner, rows) in structure.slices.items():
         if owner in stats and name not in stats:
             d = stats[owner]
-            out[name] = {**d, **{k: d[k][a:b] for k in ("fisher_row", "fisher") if k in d}}
+            out[name] = {**d, **{k: take_rows(d[k], rows) for k in ("fisher_row", "fisher") if k in d}}
     return out
 
 

@@ -511,6 +511,14 @@ def report(
             err.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
+def _fused_note(r: dict) -> str:
+    """"fused q/k/v" (slices are roles), with the row layout when it interleaves heads, or why not."""
+    if not r.get("fused"):
+        return ""
+    layout = {"per_head": " per head", "per_group": " per kv group"}.get(r.get("fused_layout") or "", "")
+    return "fused " + "/".join(r["fused"]) + layout + (" (slices not addressable)" if r.get("slices_refused") else "")
+
+
 @app.command()
 @user_errors
 def inspect(
@@ -534,7 +542,7 @@ def inspect(
         table.add_column(c, overflow="fold")
     for r in rec["roles"]:
         notes = ", ".join(x for x in ("Conv1D" if r["conv1d"] else "",
-                                      "fused " + "/".join(r["fused"]) if r["fused"] else "") if x)
+                                      _fused_note(r)) if x)
         table.add_row(r["role"], r["alias"] or "-", "×".join(map(str, r["shape"])), f"{r['params']:,}",
                       f"{r['share']:.1%}", f"{r['break_even_rank']:g}", notes or "-")
     tied = {n for t in rec["tied"] for n in t}

@@ -10,7 +10,6 @@ from typing import Any
 import torch.nn as nn
 import yaml
 
-from .adapters import FUSED
 from .errors import OffcompError
 from .plan import ModuleInfo
 from .swap import Structure, discover, shared_inputs
@@ -28,7 +27,8 @@ def _unique_params(model: nn.Module) -> int:
 
 def _input_sets(model: nn.Module, s: Structure) -> list[list[str]]:
     """Paths inside a block that read one input, in call order (traced on layer 0)."""
-    first = [m.name for m in s.modules if m.layer == 0 and m.kind == "linear"]
+    # modules only: a fused projection's row slices are views of it (a skeleton listing both is refused)
+    first = [m.name for m in s.modules if m.layer == 0 and m.kind == "linear" and m.name not in s.slices]
     leader = shared_inputs(model, first)
     prefix = f"{s.blocks}.0."
     sets: dict[str, list[str]] = {}
@@ -65,6 +65,13 @@ def plan_skeleton(s: Structure, input_sets: list[list[str]]) -> str:
         note = " (tied to the LM head: compress both)" if tied else ""
         tail = (f"  # the token embedding{note} can be compressed too:\n"
                 f"  # - {{name: embed, modules: {mods}, method: svd, ratio: 0.8}}\n")
+    for path, (parts, _) in s.fused.items():
+        roles = [alias.get(f"{path}:{k}", f"{path}:{k}") for k in parts]
+        if all(r in s.roles() for r in roles):  # slices addressable in this model
+            pick = roles[1] if len(roles) == 3 else roles[0]  # the key slice of a q/k/v
+            tail += (f"  # {alias.get(path, path)} is fused; its row slices {', '.join(roles)} are roles too (a plan\n"
+                     f"  # names the matrix or its slices, not both), e.g.\n"
+                     f"  # - {{name: {pick}, modules: [{pick}], joint: true, method: svd, ratio: 0.8}}\n")
     return head + body + tail
 
 
@@ -79,7 +86,6 @@ def inspect_structure(model: nn.Module) -> dict[str, Any]:
     s = discover(model)
     total = _unique_params(model)
     alias = {v: k for k, v in s.aliases.items()}
-    fused = FUSED.get(s.model_type, {})
     sets = _input_sets(model, s)
     reads_with = {p: [q for q in ps if q != p] for ps in sets for p in ps}
     roles = []
@@ -88,7 +94,9 @@ def inspect_structure(model: nn.Module) -> dict[str, Any]:
         n = sum(1 for m in s.modules if m.role == path)
         roles.append({"role": path, "alias": alias.get(path), **_row(layer0, total, n), "layers": n,
                       "conv1d": f"{s.blocks}.{layer0.layer}.{path}" in s.transposed,
-                      "fused": list(fused[path][0]) if path in fused else None,
+                      "fused": list(s.fused[path][0]) if path in s.fused else None,
+                      "fused_layout": s.fused[path][1] if path in s.fused else None,
+                      "slices_refused": next((why for n, why in s.unsliced.items() if n.startswith(path + ":")), None),
                       "reads_input_with": reads_with.get(path, [])})
     other = [{"name": m.name, "role": m.role, **_row(m, total), "refused": s.refused.get(m.name)}
              for m in s.modules if m.layer is None]

@@ -116,43 +116,77 @@ class LowRankEmbedding(CompressedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
 
 
+Rows = range | tuple[int, ...]  # a slice's rows in a fused matrix: contiguous, or interleaved per head
+
+
+def take_rows(t: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """The rows of `t` (along dim 0) a slice holds: a view for a contiguous range, a copy otherwise."""
+    if isinstance(rows, range) and rows.step == 1:
+        return t[rows.start:rows.stop]
+    return t[torch.as_tensor(rows, dtype=torch.long, device=t.device)]
+
+
 class FusedSlices(CompressedModule):
     """A fused projection (q/k/v or gate/up rows in one matrix) held as one module per row slice,
     so each slice can be compressed on its own (a plan role like `attn.qkv:k`). The output is the
-    slices' outputs concatenated in row order, as the fused matrix computed it. Slices nobody
-    compressed stay plain nn.Linear parts holding their rows."""
+    fused matrix's: the slices' outputs concatenated, then put back in the fused row order when the
+    slices interleave (GPT-NeoX/Bloom/Falcon: [q k v] per head). Slices nobody compressed stay plain
+    nn.Linear parts holding their rows."""
 
-    def __init__(self, parts: dict[str, nn.Module]) -> None:
+    def __init__(self, parts: dict[str, nn.Module], rows: dict[str, Rows] | None = None) -> None:
         super().__init__()
         self.order = list(parts)
         self.parts = nn.ModuleDict(parts)
+        # Fused row i is row inverse[i] of the concatenated slice outputs; None when they are in order.
+        # A plain CPU tensor, not a buffer: the container is rebuilt from the model's structure on
+        # load, on the meta skeleton, where a buffer would hold no value (transformers leaves
+        # non-persistent buffers of a meta skeleton uninitialised).
+        self.inverse: torch.Tensor | None = None
+        self._on: dict[torch.device, torch.Tensor] = {}
+        if rows is not None:
+            cat = [i for k in self.order for i in rows[k]]
+            if sorted(cat) != list(range(len(cat))):
+                raise ValueError(f"fused slices {self.order} do not cover each of {len(cat)} rows exactly once")
+            if cat != list(range(len(cat))):
+                # explicitly on the CPU: under transformers' `with torch.device("meta")` factories make meta
+                self.inverse = torch.empty(len(cat), dtype=torch.long, device="cpu")
+                self.inverse[torch.tensor(cat, device="cpu")] = torch.arange(len(cat), device="cpu")
 
     @classmethod
-    def split(cls, weight: torch.Tensor, bias: torch.Tensor | None, rows: dict[str, tuple[int, int]]) -> FusedSlices:
+    def split(cls, weight: torch.Tensor, bias: torch.Tensor | None, rows: dict[str, Rows]) -> FusedSlices:
         parts: dict[str, nn.Module] = {}
-        for k, (a, b) in rows.items():
-            lin = nn.Linear(weight.shape[1], b - a, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-            lin.weight = nn.Parameter(weight.detach()[a:b].clone())
+        for k, r in rows.items():
+            lin = nn.Linear(weight.shape[1], len(r), bias=bias is not None, device=weight.device, dtype=weight.dtype)
+            lin.weight = nn.Parameter(take_rows(weight.detach(), r).clone())
             if bias is not None:
-                lin.bias = nn.Parameter(bias.detach()[a:b].clone())
+                lin.bias = nn.Parameter(take_rows(bias.detach(), r).clone())
             parts[k] = lin
-        return cls(parts)
+        return cls(parts, rows)
+
+    def _fused_order(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.inverse is None:
+            return t
+        if t.device not in self._on:
+            self._on[t.device] = self.inverse.to(t.device)
+        return t.index_select(dim, self._on[t.device])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.parts[k](x) for k in self.order], dim=-1)
+        return self._fused_order(torch.cat([self.parts[k](x) for k in self.order], dim=-1), -1)
 
     def to_dense(self) -> torch.Tensor:
-        return torch.cat([p.to_dense() if isinstance(p, CompressedModule) else p.weight for p in self.parts.values()])
+        return self._fused_order(torch.cat([p.to_dense() if isinstance(p, CompressedModule) else p.weight
+                                            for p in (self.parts[k] for k in self.order)]), 0)
 
     def dense_module(self) -> nn.Module:
         w = self.to_dense().detach()
-        biases = [getattr(p, "bias", None) for p in self.parts.values()]
+        parts = [self.parts[k] for k in self.order]
+        biases = [getattr(p, "bias", None) for p in parts]
         lin = nn.Linear(w.shape[1], w.shape[0], bias=any(b is not None for b in biases), device=w.device,
                         dtype=w.dtype)
         lin.weight = nn.Parameter(w.clone())
         if lin.bias is not None:
-            lin.bias = nn.Parameter(torch.cat([b.detach() if b is not None else w.new_zeros(_rows(p))
-                                               for b, p in zip(biases, self.parts.values())]))
+            lin.bias = nn.Parameter(self._fused_order(torch.cat([b.detach() if b is not None else w.new_zeros(_rows(p))
+                                                                 for b, p in zip(biases, parts)]), 0))
         return lin
 
 

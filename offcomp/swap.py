@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import FORWARD_QUIRKS, UNSUPPORTED_CONFIG, aliases_for, fused_for
 from .errors import OffcompError
-from .layers import CompressedModule, FusedSlices
+from .layers import CompressedModule, FusedSlices, Rows, take_rows
 from .plan import ModuleInfo
 
 SLICE = ":"  # "<module>:<slice>" names a row slice of a fused projection (attn.c_attn:k)
@@ -75,8 +75,11 @@ class Structure:
     tied: tuple[tuple[str, ...], ...]  # modules sharing one weight tensor
     refused: dict[str, str]  # module → why it cannot be replaced faithfully
     # row slices of fused projections, addressable as modules of their own: "<module>:<slice>" →
-    # (module, first row, end row)
-    slices: dict[str, tuple[str, int, int]]
+    # (module, its rows: a range, or the row indices of a slice interleaved per head)
+    slices: dict[str, tuple[str, Rows]]
+    fused: dict[str, tuple[tuple[str, ...], str]]  # fused projection's path in a block → (slice names, layout)
+    # slice roles (and their aliases) whose rows cannot be located in this model → why
+    unsliced: dict[str, str]
 
     def roles(self) -> dict[str, str]:
         """Every name a plan may use as a role → the canonical role it selects."""
@@ -194,42 +197,77 @@ def discover(model: nn.Module) -> Structure:
     model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
     paths = {i.role for i in infos if i.layer is not None}
     aliases = {k: v for k, v in aliases_for(model_type).items() if v in paths}
-    slices: dict[str, tuple[str, int, int]] = {}
-    for path, (parts, layout) in fused_for(model_type).items():
+    slices: dict[str, tuple[str, Rows]] = {}
+    cfg = getattr(model, "config", None)
+    fused_paths = {p: v for p, v in fused_for(model_type, cfg).items() if p in paths}
+    unsliced: dict[str, str] = {}
+    for path, (parts, layout) in fused_paths.items():
+        alias = next((a for a, p in aliases.items() if p == path), None)
+        names = {k: [f"{path}{SLICE}{k}"] + ([f"{alias}{SLICE}{k}", f"{alias.split('.')[0]}.{k}"] if alias else [])
+                 for k in parts}
+        rows_by_shape: dict[tuple[int, int], dict[str, Rows] | str] = {}
         for info in [i for i in infos if i.layer is not None and i.role == path]:
-            rows = _slice_rows(getattr(model, "config", None), parts, info.shape[0]) if layout == "blocks" else None
-            for k, (a, b) in (rows or {}).items():
-                slices[f"{info.name}{SLICE}{k}"] = (info.name, a, b)
-                infos.append(ModuleInfo(f"{info.name}{SLICE}{k}", "linear", (b - a, info.shape[1]), info.layer,
+            if info.shape not in rows_by_shape:  # one layout per shape: row index tuples shared by all layers
+                rows_by_shape[info.shape] = _slice_rows(cfg, parts, layout, info.shape[0])
+            rows = rows_by_shape[info.shape]
+            if isinstance(rows, str):
+                for k in parts:
+                    for n in names[k]:
+                        unsliced.setdefault(n, f"the {k} rows of {info.name} cannot be located: {rows}; "
+                                               f"compress {path} whole")
+                continue
+            for k, r in rows.items():
+                slices[f"{info.name}{SLICE}{k}"] = (info.name, r)
+                infos.append(ModuleInfo(f"{info.name}{SLICE}{k}", "linear", (len(r), info.shape[1]), info.layer,
                                         f"{path}{SLICE}{k}"))
-            alias = next((a for a, p in aliases.items() if p == path), None)
-            for k in parts if rows and alias else ():
+        if not any(isinstance(r, str) for r in rows_by_shape.values()):
+            for k in parts if alias else ():
                 aliases[f"{alias}{SLICE}{k}"] = f"{path}{SLICE}{k}"
                 aliases.setdefault(f"{alias.split('.')[0]}.{k}", f"{path}{SLICE}{k}")  # attn.k, mlp.gate
     return Structure(model_type, blocks, type(layers[0]).__name__, len(layers), tuple(infos), aliases, embed, head,
-                     frozenset(transposed), tuple(tuple(v) for v in owners.values() if len(v) > 1), refused, slices)
+                     frozenset(transposed), tuple(tuple(v) for v in owners.values() if len(v) > 1), refused, slices,
+                     fused_paths, {n: why for n, why in unsliced.items() if n not in aliases})
 
 
-def _slice_rows(cfg: Any, parts: tuple[str, ...], out: int) -> dict[str, tuple[int, int]] | None:
-    """Row ranges of the slices of a fused projection with `out` rows: two halves (gate/up), or
-    q = heads·head_dim rows then two equal k/v blocks (grouped-query attention included)."""
-    if len(parts) == 2:
-        sizes = [out // 2, out // 2] if out % 2 == 0 else None
-    else:
-        heads = getattr(cfg, "num_attention_heads", None)
-        hidden = getattr(cfg, "hidden_size", None)
-        head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads and hidden else None)
-        q = heads * head_dim if heads and head_dim else None
-        sizes = [q, (out - q) // 2, (out - q) // 2] if q and out > q and (out - q) % 2 == 0 else None
-    if sizes is None:
-        return None
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return {k: (a, a + n) for k, a, n in zip(parts, starts, sizes)}
+def _slice_rows(cfg: Any, parts: tuple[str, ...], layout: str, out: int) -> dict[str, Rows] | str:
+    """The rows of each slice of a fused projection with `out` rows, in the order the model reads
+    them (head by head), or why they cannot be located. Layouts: offcomp.adapters.FUSED."""
+    if len(parts) == 2 and layout == "blocks":  # gate/up halves
+        if out % 2:
+            return f"{out} rows do not split into two halves"
+        return {parts[0]: range(out // 2), parts[1]: range(out // 2, out)}
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads and hidden else None)
+    if len(parts) != 3 or not heads or not head_dim:
+        return f"the config gives no head count and head size to split {'/'.join(parts)} by"
+    q, k, v = parts
+    n_q = heads * head_dim
+    if layout == "blocks":
+        if out <= n_q or (out - n_q) % 2:
+            return f"{out} rows are not {heads} query heads × {head_dim} plus two equal key/value blocks"
+        n_kv = (out - n_q) // 2
+        return {q: range(n_q), k: range(n_q, n_q + n_kv), v: range(n_q + n_kv, out)}
+    if layout == "per_head":  # [h0: q k v, h1: q k v, ...]
+        if out != 3 * n_q:
+            return f"{out} rows are not {heads} heads × (q, k, v) × {head_dim}"
+        return {p: tuple(h * 3 * head_dim + j * head_dim + d for h in range(heads) for d in range(head_dim))
+                for j, p in enumerate(parts)}
+    if layout == "per_group":  # [g0: its query heads, k, v; g1: ...]
+        kv = getattr(cfg, "num_kv_heads", None) or getattr(cfg, "num_key_value_heads", None)
+        if not kv or heads % kv or out != kv * (heads // kv + 2) * head_dim:
+            return (f"{out} rows are not {kv} key/value groups of ({heads} / {kv} query heads + k + v) × "
+                    f"{head_dim}")
+        per, stride = heads // kv, (heads // kv + 2) * head_dim
+        return {q: tuple(g * stride + d for g in range(kv) for d in range(per * head_dim)),
+                k: tuple(g * stride + per * head_dim + d for g in range(kv) for d in range(head_dim)),
+                v: tuple(g * stride + (per + 1) * head_dim + d for g in range(kv) for d in range(head_dim))}
+    return f"offcomp knows no fused-projection layout {layout!r}"
 
 
 def fused(structure: Structure) -> dict[str, tuple[tuple[str, ...], str]]:
     """Fused projections present in the model: path inside a block → (slice names, layout)."""
-    return {p: v for p, v in fused_for(structure.model_type).items() if p in set(structure.block_paths())}
+    return dict(structure.fused)
 
 
 def skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
@@ -310,18 +348,18 @@ def shared_inputs(model: nn.Module, names: list[str] | None = None, seq_len: int
 
 def module_view(model: nn.Module, name: str) -> nn.Module:
     """The module a method reads for `name`, as an (out × in) linear: `linear_view` of a module, or
-    for a slice "<module>:<k>" its part (once the module is split) or a view of its rows."""
+    for a slice "<module>:<k>" its part (once the module is split) or its rows (a view when contiguous)."""
     base, _, k = name.partition(SLICE)
     mod = model.get_submodule(base)
     if not k:
         return linear_view(mod)
     if isinstance(mod, FusedSlices):
         return mod.parts[k]
-    _, a, b = discover(model).slices[name]
+    _, rows = discover(model).slices[name]
     view = nn.Linear(1, 1, bias=False, device="meta")
-    view.weight = nn.Parameter(oriented_weight(mod).detach()[a:b], requires_grad=False)
-    view.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach()[a:b], requires_grad=False)
-    view.in_features, view.out_features = view.weight.shape[1], b - a
+    view.weight = nn.Parameter(take_rows(oriented_weight(mod).detach(), rows), requires_grad=False)
+    view.bias = None if mod.bias is None else nn.Parameter(take_rows(mod.bias.detach(), rows), requires_grad=False)
+    view.in_features, view.out_features = view.weight.shape[1], len(rows)
     return view
 
 
@@ -330,7 +368,7 @@ def _split_fused(model: nn.Module, base: str) -> FusedSlices:
     mod = model.get_submodule(base)
     if isinstance(mod, FusedSlices):
         return mod
-    rows = {n.partition(SLICE)[2]: (a, b) for n, (owner, a, b) in discover(model).slices.items() if owner == base}
+    rows = {n.partition(SLICE)[2]: r for n, (owner, r) in discover(model).slices.items() if owner == base}
     container = FusedSlices.split(oriented_weight(mod), mod.bias, rows)
     replace_module(model, base, container)
     return container

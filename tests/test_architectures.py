@@ -273,6 +273,13 @@ def test_structured_pruning_on_conv1d_and_refused_inside_fused_projections():
                                             "method": "prune-structured", "options": {"head_dim": 16}}]})
     with pytest.raises(OffcompError, match=r"c_attn is a fused projection \(q/k/v in one matrix\)"):
         offcomp.plan_units(tiny_model("gpt2"), heads)
+    for model_type in ("gpt2", "gpt_neox"):  # its slices too (they crashed inside the attention: regression)
+        slices = offcomp.parse_plan({"groups": [{"modules": ["attn.q", "attn.k", "attn.v", "attn.o"], "joint": True,
+                                                 "ratio": 0.5, "method": "prune-structured",
+                                                 "options": {"head_dim": 16}}]})
+        with pytest.raises(OffcompError, match=r"attn.c_attn:q is a row slice of a fused projection \(q/k/v in one"
+                           if model_type == "gpt2" else "query_key_value:q is a row slice of a fused projection"):
+            offcomp.plan_units(tiny_model(model_type), slices)
     gated = offcomp.parse_plan({"groups": [{"modules": ["mlp.gate_up", "mlp.down"], "joint": True, "ratio": 0.5,
                                             "method": "prune-structured"}]})
     with pytest.raises(OffcompError, match="gate/up in one matrix"):
@@ -290,7 +297,7 @@ def test_fused_slices_are_roles_of_their_own(tmp_path):
 
     model = tiny_model("gpt2")
     s = discover(model)
-    assert s.slices["transformer.h.0.attn.c_attn:k"] == ("transformer.h.0.attn.c_attn", 64, 128)
+    assert s.slices["transformer.h.0.attn.c_attn:k"] == ("transformer.h.0.attn.c_attn", range(64, 128))
     assert s.roles()["attn.k"] == s.roles()["attn.qkv:k"] == "attn.c_attn:k"
     assert s.default_modules() == ["attn.o", "attn.qkv", "mlp.down", "mlp.up"]  # whole matrices by default
     src = save_model_dir(model, tiny_word_tokenizer(), tmp_path / "src")
@@ -317,19 +324,161 @@ def test_fused_slices_are_roles_of_their_own(tmp_path):
                                                                  {"modules": ["attn.k"], "rank": 4}]}))
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "phi3", "modernbert"])
-def test_every_fused_slice_at_full_rank_reproduces_dense(model_type, monkeypatch):
+# Head-interleaved fused QKV layouts (offcomp.adapters.FUSED), every one transformers has: GPT-NeoX
+# and Bloom [q k v] per head; Falcon per head (multi_query False), q then one k and one v head
+# (multi_query, the default), or per key/value group (new_decoder_architecture).
+INTERLEAVED = {"gpt_neox": ("gpt_neox", {}), "bloom": ("bloom", {}),
+               "falcon-multi-query": ("falcon", {"multi_query": True}),
+               "falcon-per-head": ("falcon", {"multi_query": False}),
+               "falcon-new-decoder": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2})}
+LAYOUT = {"gpt_neox": "per_head", "bloom": "per_head", "falcon-multi-query": "blocks",
+          "falcon-per-head": "per_head", "falcon-new-decoder": "per_group"}
+
+
+@pytest.mark.parametrize("case", sorted(INTERLEAVED))
+def test_interleaved_slices_are_the_models_own_q_k_v(case):
+    """Checked against transformers' own forward, not against offcomp's split: scaling the rows
+    offcomp calls k by 2 and those it calls q by 1/2 leaves every attention score, hence the logits,
+    exactly as they were (rotary and ALiBi included); scaling the v rows by 2 and the output
+    projection by 1/2 too. Rows that are not exactly the model's q/k/v would move the logits (the
+    contiguous-thirds control below does, for every interleaved layout)."""
+    model_type, kw = INTERLEAVED[case]
+    model = tiny_model(model_type, **kw)
+    s = discover(model)
+    path = next(iter(s.fused))
+    assert s.fused[path] == (("q", "k", "v"), LAYOUT[case])
+    ids = torch.randint(5, 128, (2, 10))
+    qkv = [m.name for m in s.modules if m.role == path]
+    rows = {n: {k: torch.as_tensor(list(s.slices[f"{n}:{k}"][1])) for k in "qkv"} for n in qkv}
+    assert all(sorted(torch.cat(list(r.values())).tolist()) == list(range(model.get_submodule(n).weight.shape[0]))
+               for n, r in rows.items())  # each row in exactly one slice
+
+    def scaled(row_sets):
+        m = tiny_model(model_type, **kw)
+        with torch.no_grad():
+            for n, r in row_sets.items():
+                mod = m.get_submodule(n)
+                for k, f in (("q", 0.5), ("k", 2.0), ("v", 2.0)):
+                    mod.weight[r[k]] *= f
+                    if mod.bias is not None:
+                        mod.bias[r[k]] *= f
+                o = m.get_submodule(n.replace("query_key_value", "dense"))
+                o.weight *= 0.5
+            return m(ids).logits
+
+    with torch.no_grad():
+        dense = model(ids).logits
+    torch.testing.assert_close(scaled(rows), dense, rtol=0, atol=1e-6)
+    if LAYOUT[case] != "blocks":
+        n_out = model.get_submodule(qkv[0]).weight.shape[0]
+        thirds = {n: dict(zip("qkv", torch.arange(n_out).chunk(3))) for n in qkv}
+        assert (scaled(thirds) - dense).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", sorted(INTERLEAVED))
+def test_interleaved_key_slices_jointly_across_layers(case, tmp_path, monkeypatch):
+    """All key slices of an interleaved fused QKV compressed as one joint group: at full rank the
+    logits are the dense ones; at a lower rank only the key rows move; save → load → identical
+    logits; to_dense() is the fused weight; the dense export computes the same function."""
+    from transformers import AutoModelForCausalLM
+
+    from offcomp.checkpoint import export_dense
+    from offcomp.layers import FusedSlices, LowRankLinear
+    from offcomp.models import load_model
+    from offcomp.pipeline import compress_model
+
+    model_type, kw = INTERLEAVED[case]
+    model = tiny_model(model_type, **kw)
+    s = discover(model)
+    path = next(iter(s.fused))
+    qkv = [m.name for m in s.modules if m.role == path]
+    keys = {n: list(s.slices[f"{n}:k"][1]) for n in qkv}
+    dense_w = {n: model.get_submodule(n).weight.detach().clone() for n in qkv}
+    ids = torch.randint(5, 128, (2, 10))
+    with torch.no_grad():
+        dense = model(ids).logits
+
+    from offcomp.methods.svd import SVD
+
+    full = tiny_model(model_type, **kw)
+    rank = min(sum(len(k) for k in keys.values()), 64)  # the stacked key rows' full rank: V is rank × 64
+    monkeypatch.setattr(SVD, "solve", lambda self, unit, cfg: {"rank": rank})  # a rank check would refuse it
+    monkeypatch.setattr("offcomp.api.check_savings", lambda model, planned: None)  # full rank saves nothing
+    report = offcomp.compress_(full, offcomp.parse_plan({"groups": [{"modules": ["attn.k"], "joint": True,
+                                                                      "method": "svd", "rank": 1}]}))
+    assert report.units[0].names == [f"{n}:k" for n in qkv]
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids).logits, dense, rtol=1e-4, atol=1e-5)
+    for n in qkv:
+        torch.testing.assert_close(full.get_submodule(n).to_dense(), dense_w[n], rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
+
+    src = save_model_dir(model, tiny_word_tokenizer(), tmp_path / "src")
+    plan = offcomp.parse_plan({"groups": [{"modules": ["attn.k"], "joint": True, "rank": 4}]})
+    compress_model(str(src), plan, tmp_path / "ck")
+    ck = load_model(str(tmp_path / "ck")).model
+    again = load_model(str(tmp_path / "ck")).model
+    x = torch.randn(3, 64)
+    for n in qkv:
+        fused = ck.get_submodule(n)
+        assert isinstance(fused, FusedSlices) and isinstance(fused.parts["k"], LowRankLinear)
+        assert fused.parts["k"].V is ck.get_submodule(qkv[0]).parts["k"].V  # one joint factor
+        w = fused.to_dense()
+        moved = (w != dense_w[n]).any(dim=1).nonzero().flatten().tolist()
+        assert moved and set(moved) <= set(keys[n])  # only key rows differ, q and v rows bit for bit
+        bias = model.get_submodule(n).bias
+        with torch.no_grad():  # the container computes its to_dense() (and the fused bias, in fused order)
+            torch.testing.assert_close(fused(x), x @ w.T + (bias if bias is not None else 0), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        compressed = ck(ids).logits
+        assert torch.equal(compressed, again(ids).logits)
+        assert (compressed - dense).abs().max() > 1e-4
+    export_dense(tmp_path / "ck", tmp_path / "dense")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    for n in qkv:
+        torch.testing.assert_close(exported.get_submodule(n).weight, ck.get_submodule(n).to_dense())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, compressed, rtol=1e-4, atol=1e-5)
+
+
+def test_slices_that_cannot_be_located_are_refused_in_one_line(monkeypatch):
+    """A config whose head count does not describe the fused rows, or a layout offcomp does not
+    know: the slices are not roles (never guessed), the fused matrix still compresses whole."""
+    from offcomp import adapters
+
+    model = tiny_model("gpt_neox")
+    model.config.num_attention_heads = 3  # 192 rows are not 3 heads × 3 × 21
+    s = discover(model)
+    assert not s.slices and "attn.k" not in s.roles()
+    plan = offcomp.parse_plan({"groups": [{"modules": ["attn.k"], "joint": True, "rank": 4}]})
+    with pytest.raises(OffcompError, match=r"^group 'group0': attn.k: the k rows of gpt_neox.layers.0.attention."
+                                           r"query_key_value cannot be located: 192 rows are not 3 heads × \(q, k, v\)"
+                                           r" × 21; compress attention.query_key_value whole$"):
+        offcomp.plan_units(model, plan)
+    assert len(offcomp.plan_units(model, offcomp.parse_plan({"groups": [{"modules": ["attn.qkv"], "rank": 4}]}))) == 2
+    monkeypatch.setitem(adapters.FUSED, "bloom", {"self_attention.query_key_value": (("q", "k", "v"), "diagonal")})
+    with pytest.raises(OffcompError, match="knows no fused-projection layout 'diagonal'"):
+        offcomp.plan_units(tiny_model("bloom"), offcomp.parse_plan({"groups": [{"modules": ["self_attention.query_key_value:v"],
+                                                                               "rank": 4}]}))
+
+
+FULL_RANK_SLICES = {"gpt2": ("gpt2", {}), "phi3": ("phi3", {}), "modernbert": ("modernbert", {}), **INTERLEAVED}
+
+
+@pytest.mark.parametrize("case", sorted(FULL_RANK_SLICES))
+def test_every_fused_slice_at_full_rank_reproduces_dense(case, monkeypatch):
     from offcomp.methods.svd import SVD
 
     monkeypatch.setattr(SVD, "solve", lambda self, unit, cfg: {"rank": min(unit.shapes[0])})
     monkeypatch.setattr("offcomp.api.check_savings", lambda model, planned: None)  # full rank saves nothing
-    model = tiny_model(model_type)
+    model_type, kw = FULL_RANK_SLICES[case]
+    model = tiny_model(model_type, **kw)
     ids = torch.randint(5, 128, (2, 10))
     with torch.no_grad():
         before = model(input_ids=ids).logits
     s = discover(model)
     roles = sorted({m.role for m in s.modules if m.name in s.slices})
-    assert len(roles) == {"gpt2": 3, "phi3": 5, "modernbert": 5}[model_type]
+    assert len(roles) == {"phi3": 5, "modernbert": 5}.get(model_type, 3)
     offcomp.compress_(model, offcomp.parse_plan({"groups": [{"modules": roles, "rank": 1}]}))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
@@ -366,3 +515,30 @@ def test_block_capture_finds_fused_block_inputs():
             block_roles(tiny_model("gpt2"), "0")
         finally:
             adapters.ALIASES["gpt2"] = saved
+
+
+@pytest.mark.parametrize("case", sorted({**FULL_RANK_SLICES}))
+def test_inspect_skeleton_of_fused_models_is_a_valid_plan(case):
+    """The skeleton names each fused matrix once (its slices listed as well made it a plan that
+    compress refused: regression), and its commented slice example, put in the matrix's place, runs."""
+    import yaml
+
+    from offcomp.cli import _fused_note
+    from offcomp.inspection import inspect_structure
+
+    model_type, kw = FULL_RANK_SLICES[case]
+    model = tiny_model(model_type, **kw)
+    rec = inspect_structure(model)
+    plan = yaml.safe_load(rec["plan"])
+    assert len(offcomp.plan_units(model, offcomp.parse_plan(plan))) == 2 * sum(len(g["modules"]) for g in plan["groups"])
+    fused = [r for r in rec["roles"] if r["fused"]]
+    assert fused and all(r["slices_refused"] is None for r in fused)
+    assert _fused_note(fused[0]).startswith("fused q/k/v" if len(fused[0]["fused"]) == 3 else "fused ")
+    assert ("per head" in _fused_note(fused[0])) == (LAYOUT.get(case) == "per_head")
+    example = yaml.safe_load(rec["plan"].split("e.g.\n")[1].splitlines()[0].replace("  # ", "", 1))[0]
+    whole = fused[0]["alias"]
+    for g in plan["groups"]:  # Falcon's parallel attention: the fused QKV shares a group with mlp.up
+        g["modules"] = [m for m in g["modules"] if m != whole]
+    plan["groups"] = [g for g in plan["groups"] if g["modules"]] + [example]
+    units = offcomp.plan_units(model, offcomp.parse_plan(plan))
+    assert [n.partition(":")[2] for n in units[-1].unit.names] == [example["modules"][0].split(".")[-1]] * 2
