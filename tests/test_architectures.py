@@ -208,6 +208,50 @@ def test_glue_finetunes_compressed_encoders(model_type, tmp_path):
     assert rec["model"]["compressed_modules"] == 2 * len(discover(model).block_paths())
 
 
+SQUAD_DEV = "/work/shared/data/squad/dev-v1.1.json"  # the official file (SOURCES.md section 4)
+SQUAD_DEV_SHA256 = "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9"
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "deberta-v2", "electra", "modernbert"])
+def test_squad_on_compressed_encoders(model_type, tmp_path):
+    """`offcomp squad` end to end on a compressed tiny encoder saved with its masked-LM head: the
+    question-answering head is built on the compressed body, fine-tuned on 8 real SQuAD questions
+    and scored on 4 of another article (split-dev protocol) with the official EM/F1."""
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from offcomp.cli import app
+    from offcomp.pipeline import compress_model, quick_plan
+
+    from .finetune_torchrun import tokenizer
+
+    if not Path(SQUAD_DEV).is_file():
+        pytest.skip(f"{SQUAD_DEV} is not here")
+    tok = tokenizer()  # bert-base-uncased vocabulary: real SQuAD text, real answer offsets
+    model = tiny_model(model_type, vocab_size=tok.vocab_size, max_position_embeddings=128)
+    src = save_model_dir(model, tok, tmp_path / "src")
+    compress_model(str(src), quick_plan(model.config, "svd", ratio=0.8), tmp_path / "ck")
+    res = CliRunner().invoke(app, ["squad", "--model", str(tmp_path / "ck"), "--dev-file", SQUAD_DEV,
+                                   "--split-dev", "47", "--max-train-samples", "8", "--max-eval-samples", "4",
+                                   "--max-length", "128", "--doc-stride", "32", "--batch-size", "4", "--epochs", "1",
+                                   "--checkpoint-steps", "0", "--out", str(tmp_path / "squad"), "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec == json.loads((tmp_path / "squad" / "squad.json").read_text())
+    assert rec["type"] == "squad" and rec["model"]["compressed"] and rec["model"]["head"] == "question-answering"
+    assert rec["model"]["compressed_modules"] == 2 * len(discover(model).block_paths())
+    data = rec["data"]
+    assert data["protocol"] == "split-dev" and data["eval_articles"] == ["Force"]  # the dev file's last article
+    assert data["sha256"] == {"dev-v1.1.json": SQUAD_DEV_SHA256}
+    assert data["n_train_questions"] == 8 and data["n_eval_questions"] == 4
+    assert data["n_train_features"] >= 8 and rec["train"]["steps"] == -(-data["n_train_features"] // 4)  # 1 epoch
+    assert 0 < rec["train"]["loss"] < 20  # a finite cross-entropy over ≤ 128 positions (ln 128 ≈ 4.9 per end)
+    m = rec["metrics"]
+    assert m["n_questions"] == 4 and m["n_missing"] == 0 and 0 <= m["exact_match"] <= m["f1"] <= 100
+
+
 def test_inspect_record_and_plan_skeleton(tmp_path):
     import json
 
