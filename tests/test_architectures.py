@@ -539,6 +539,14 @@ def test_slices_with_calibration_statistics():
                                                       "model.layers.0.mlp.gate_up_proj:up"]
     assert all(u.rel_error < 1 for u in report.units)
 
+    neox = tiny_model("gpt_neox")  # interleaved key rows: their Gram is the fused module's input's
+    s = discover(neox)
+    stats = _random_stats(neox, [m.name for m in s.modules if m.layer is not None and m.name not in s.slices])
+    plan = offcomp.parse_plan({"groups": [{"modules": ["attn.k"], "joint": True, "method": "svd-llm", "ratio": 0.5}]})
+    report = offcomp.compress_(neox, plan, stats=stats)
+    assert report.units[0].names == [f"gpt_neox.layers.{i}.attention.query_key_value:k" for i in (0, 1)]
+    assert report.units[0].rel_error < 1
+
 
 def test_block_capture_finds_fused_block_inputs():
     """--blocks needs each block's attention/FFN inputs and outputs: a fused QKV reads the attention input."""
