@@ -278,9 +278,9 @@ def solve_keep(unit: FitUnit, pattern: str | None, method: str) -> dict[str, Any
 
 
 def kept_counts(masks: list[torch.Tensor]) -> list[int]:
-    """Weights each matrix keeps: a fit records them in the hyper-parameters as "kept" before
-    building, because `build_masked` sizes the stored values by them (in a joint unit the split of
-    the budget between matrices depends on the data)."""
+    """Weights each matrix keeps: `MaskedMethod.masked_layers` records them in the hyper-parameters
+    as "kept" before building, because `build_masked` sizes the stored values by them (in a joint
+    unit the split of the budget between matrices depends on the data)."""
     return [int(mk.sum()) for mk in masks]
 
 
@@ -317,11 +317,39 @@ def bitmap_bytes(shapes: list[tuple[int, int]]) -> int:
     return sum(-(-n * m // 8) for n, m in shapes)
 
 
+class MaskedMethod(Method):
+    """The unstructured pruning family as one method shape: the budget fixes the kept count K
+    (`solve_keep`, with the config's N:M `pattern`), K values are stored, and the layers are
+    `MaskedLinear` / `MaskedEmbedding` (`build_masked`). A subclass only says which weights it
+    keeps and what values they hold: its `fit` ends in `masked_layers`."""
+
+    joint_shapes = "any"
+
+    def solve(self, unit: FitUnit, cfg: Any) -> dict[str, Any]:
+        return solve_keep(unit, cfg.pattern, self.name)
+
+    def stored_params(self, unit: FitUnit, cfg: Any, hyper: dict[str, Any]) -> int:
+        return int(hyper["keep"])
+
+    def build(
+        self, unit: FitUnit, cfg: Any, hyper: dict[str, Any], originals: list[nn.Module]
+    ) -> list[CompressedModule]:
+        return build_masked(unit, originals, hyper)
+
+    def masked_layers(
+        self, unit: FitUnit, cfg: Any, hyper: dict[str, Any], originals: list[nn.Module],
+        masks: list[torch.Tensor], weights: list[torch.Tensor], ctx: FitContext,
+    ) -> list[CompressedModule]:
+        """The fitted layers: `weights` kept where `masks` say. Records the per-matrix kept counts in
+        `hyper` first, because `build` sizes the stored values by them (also when loading)."""
+        hyper["kept"] = kept_counts(masks)
+        return fill_masked(self.build(unit, cfg, hyper, originals), originals, masks, weights, unit.names, ctx.log)
+
+
 @register
-class Prune(Method):
+class Prune(MaskedMethod):
     name = "prune"
     Config = PruneConfig
-    joint_shapes = "any"
 
     def stats_needed(self, cfg: PruneConfig) -> tuple[str, ...]:
         return ("act_sq",) if cfg.score == "wanda" else ()
@@ -332,15 +360,7 @@ class Prune(Method):
                 f"group {unit.label!r}: score 'wanda' needs input activations, which embeddings do not have; "
                 "use score: magnitude for embeddings"
             )
-        return solve_keep(unit, cfg.pattern, self.name)
-
-    def stored_params(self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any]) -> int:
-        return int(hyper["keep"])
-
-    def build(
-        self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any], originals: list[nn.Module]
-    ) -> list[CompressedModule]:
-        return build_masked(unit, originals, hyper)
+        return super().solve(unit, cfg)
 
     def fit(
         self, unit: FitUnit, cfg: PruneConfig, hyper: dict[str, Any], originals: list[nn.Module], ctx: FitContext
@@ -362,6 +382,4 @@ class Prune(Method):
             flat = keep_exactly(torch.cat([s.flatten() for s in scores]), keep)
             masks = [m.view(s.shape) for m, s in zip(torch.split(flat, [s.numel() for s in scores]), scores)]
         del scores
-        hyper["kept"] = [int(mk.sum()) for mk in masks]  # recorded for `build` when loading
-        layers = self.build(unit, cfg, hyper, originals)
-        return fill_masked(layers, originals, masks, [o.weight.detach() for o in originals], unit.names, ctx.log)
+        return self.masked_layers(unit, cfg, hyper, originals, masks, [o.weight.detach() for o in originals], ctx)

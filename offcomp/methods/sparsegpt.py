@@ -36,7 +36,7 @@ The statistics come from the dense model (one capture), not from the already-pru
 as in the paper's sequential pass. A joint group prunes each of its matrices on its own, each
 with its share of the group's pruned count (in proportion to its size).
 
-Budget, layers, storage and counting are `prune`'s (`offcomp.methods.prune`): `ratio`/`cr` fix the
+Budget, layers, storage and counting are `prune`'s (`offcomp.methods.prune.MaskedMethod`): `ratio`/`cr` fix the
 kept count K exactly, the layer is a `MaskedLinear`, stored parameters = K, and the sparse index
 bytes are reported beside it.
 """
@@ -51,8 +51,8 @@ from pydantic import Field, field_validator
 
 from ..errors import OffcompError
 from ..layers import CompressedModule
-from ..registry import FitContext, FitUnit, Method, MethodConfig, register
-from .prune import build_masked, check_pattern, fill_masked, keep_exactly, kept_counts, pattern_nm, solve_keep
+from ..registry import FitContext, FitUnit, MethodConfig, register
+from .prune import MaskedMethod, check_pattern, keep_exactly, pattern_nm
 
 
 class SparseGPTConfig(MethodConfig):
@@ -169,23 +169,11 @@ def matrix_hessian(stats: dict[str, dict[str, torch.Tensor]] | None, name: str, 
 
 
 @register
-class SparseGPT(Method):
+class SparseGPT(MaskedMethod):
     name = "sparsegpt"
     Config = SparseGPTConfig
-    joint_shapes = "any"
     kinds = ("linear",)
     needs_stats = ("xtx",)
-
-    def solve(self, unit: FitUnit, cfg: SparseGPTConfig) -> dict[str, Any]:
-        return solve_keep(unit, cfg.pattern, self.name)
-
-    def stored_params(self, unit: FitUnit, cfg: SparseGPTConfig, hyper: dict[str, Any]) -> int:
-        return int(hyper["keep"])
-
-    def build(
-        self, unit: FitUnit, cfg: SparseGPTConfig, hyper: dict[str, Any], originals: list[nn.Module]
-    ) -> list[CompressedModule]:
-        return build_masked(unit, originals, hyper)
 
     def fit(
         self, unit: FitUnit, cfg: SparseGPTConfig, hyper: dict[str, Any], originals: list[nn.Module],
@@ -202,6 +190,4 @@ class SparseGPT(Method):
             ctx.log(f"{name}: relative output error on calibration {output_error(W, W_hat, H):.4f}")
             weights.append(W_hat)
             masks.append(keep)
-        hyper["kept"] = kept_counts(masks)
-        layers = self.build(unit, cfg, hyper, originals)
-        return fill_masked(layers, originals, masks, weights, unit.names, ctx.log)
+        return self.masked_layers(unit, cfg, hyper, originals, masks, weights, ctx)
