@@ -178,7 +178,7 @@ def allocate_plan(
         if u.rank < u.max_rank:
             heapq.heappush(heap, (-_gain(u), i))
     progress("allocate: spectra", len(units), len(units))
-    return AllocationResult(_concrete_plan(plan, units), _record(alloc, units, budget, spent, fixed_stored,
+    return AllocationResult(_concrete_plan(plan, units, structure), _record(alloc, units, budget, spent, fixed_stored,
                                                                   total_original))
 
 
@@ -190,7 +190,16 @@ def _tail(u: _Unit, rank: int) -> float:
     return float(u.energy[rank:].sum())
 
 
-def _concrete_plan(plan: Plan, units: list[_Unit]) -> Plan:
+def _one_module(name: str, structure: Any) -> dict[str, Any]:
+    """Plan selectors for exactly the module `name`: a regex of its name, or for a fused
+    projection's row slice (which regexes never select) its role in its one layer."""
+    if name in structure.slices:
+        info = next(m for m in structure.modules if m.name == name)
+        return {"modules": [info.role], "layers": str(info.layer)}
+    return {"modules": [f"re:{re.escape(name)}"]}
+
+
+def _concrete_plan(plan: Plan, units: list[_Unit], structure: Any) -> Plan:
     by_group: dict[int, list[_Unit]] = {}
     for u in units:
         by_group.setdefault(u.group_index, []).append(u)
@@ -205,7 +214,7 @@ def _concrete_plan(plan: Plan, units: list[_Unit]) -> Plan:
             if u.joint:
                 groups.append(g.model_copy(update={"name": label, "rank": u.rank}))
             else:
-                groups.append(Group(name=label, modules=[f"re:{re.escape(u.names[0])}"], method=g.method,
+                groups.append(Group(name=label, **_one_module(u.names[0], structure), method=g.method,
                                     options=g.options, rank=u.rank))
     return Plan(groups=groups)
 
