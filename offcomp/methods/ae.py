@@ -50,15 +50,14 @@ from ..registry import FitContext, FitUnit, Method, register
 from .ae_layers import AEEmbedding, AELinear, build_decoded, fill_decoded
 from .ae_train import (
     DataLossConfig,
-    TrainSpec,
     cos_rmse_loss,
     data_loss,
     data_stats,
     encode_all,
-    fit_label,
     largest,
     pca_init,
-    train_autoencoder,
+    seeded_autoencoder,
+    train_unit_autoencoder,
     whitening_matrix,
 )
 from .lowrank import stacked_weight
@@ -198,10 +197,8 @@ class AE(Method):
         norms = X.norm(dim=1)
         loss, weights = data_loss(cos_rmse_loss(cfg.cos_weight, cfg.rmse_weight), unit, cfg, ctx)
         S = whitening_matrix(unit, ctx) if cfg.loss_space == "whitened" else None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.seed)
-            encoder = make_encoder(m, d, x, cfg).to(ctx.device)
-            decoder = make_decoder(d, m, x, cfg).to(ctx.device)
+        encoder, decoder = seeded_autoencoder(ctx.seed, ctx.device, lambda: make_encoder(m, d, x, cfg),
+                                              lambda: make_decoder(d, m, x, cfg))
         pca = cfg.arch == "linear" and cfg.init != "random"
         if pca:
             pca_init(encoder, decoder, X, S)
@@ -221,10 +218,6 @@ class AE(Method):
             scale = norms if cfg.scale == "norm" else projection_scale(decoder, Z, X, S)
             return fill_decoded(built, originals, unit, Z, decoder, scale)
 
-        score = (lambda: ctx.validate(dict(zip(unit.names, layers())))) if ctx.validate else None
-        spec = TrainSpec(cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_step, cfg.lr_gamma, cfg.validate_every,
-                         cfg.patience, cfg.bf16)
-        train_autoencoder(X, encoder, decoder, reconstruct, loss, spec,
-                          weights=weights, seed=ctx.seed, score=score, select_epoch=cfg.epochs, ctx=ctx,
-                          label=fit_label(unit), score_initial=pca)
+        train_unit_autoencoder(X, encoder, decoder, reconstruct, loss, cfg, unit, ctx, layers, weights=weights,
+                               select_epoch=cfg.epochs, score_initial=pca)
         return layers()

@@ -38,13 +38,12 @@ from ..registry import FitContext, FitUnit, Method, MethodConfig, register
 from .ae_layers import build_decoded, fill_decoded
 from .ae_train import (
     LossFn,
-    TrainSpec,
     encode_all,
-    fit_label,
     largest,
     pca_init,
     row_weights,
-    train_autoencoder,
+    seeded_autoencoder,
+    train_unit_autoencoder,
 )
 from .lowrank import stacked_weight
 
@@ -146,10 +145,8 @@ class AEEmbed(Method):
         m, d = unit.shapes[0][1], hyper["latent"]
         X = stacked_weight(originals, ctx.device, torch.float32)
         weights = row_weights(unit, cfg.row_weights, ctx)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.seed)
-            encoder = _mlp(m, cfg.hidden, d).to(ctx.device)
-            decoder = _mlp(d, cfg.hidden, m).to(ctx.device)
+        encoder, decoder = seeded_autoencoder(ctx.seed, ctx.device, lambda: _mlp(m, cfg.hidden, d),
+                                              lambda: _mlp(d, cfg.hidden, m))
         pca = cfg.hidden is None and cfg.init != "random"
         if pca:
             pca_init(encoder, decoder, X)
@@ -158,10 +155,7 @@ class AEEmbed(Method):
             built = self.build(unit, cfg, hyper, originals)
             return fill_decoded(built, originals, unit, encode_all(encoder, X), decoder, None)
 
-        score = (lambda: ctx.validate(dict(zip(unit.names, layers())))) if ctx.validate else None
-        spec = TrainSpec(cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_step, cfg.lr_gamma, cfg.validate_every,
-                         cfg.patience, cfg.bf16)
-        train_autoencoder(X, encoder, decoder, lambda out, idx: out, orientation_loss(cfg), spec, weights=weights,
-                          seed=ctx.seed, score=score, select_epoch=max(cfg.epochs, cfg.anneal_epochs), ctx=ctx,
-                          label=fit_label(unit), score_initial=pca)
+        train_unit_autoencoder(X, encoder, decoder, lambda out, idx: out, orientation_loss(cfg), cfg, unit, ctx,
+                               layers, weights=weights, select_epoch=max(cfg.epochs, cfg.anneal_epochs),
+                               score_initial=pca)
         return layers()

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -245,6 +245,41 @@ def train_autoencoder(
     decoder.eval()
     ctx.log(f"{label}: kept epoch {best.best_epoch} ({best.scored_on} {best.best_score:.5f})")
     return best
+
+
+def seeded_autoencoder(seed: int, device: torch.device, make_encoder: Callable[[], nn.Module],
+                       make_decoder: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
+    """Encoder and decoder initialised from `seed` alone, on `device`. The global RNG is left as it
+    was, so one unit's fit does not change what later draws see."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_encoder().to(device), make_decoder().to(device)
+
+
+def train_unit_autoencoder(
+    X: torch.Tensor,
+    encoder: nn.Module,
+    decoder: nn.Module,
+    reconstruct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: LossFn,
+    cfg: Any,
+    unit: FitUnit,
+    ctx: FitContext,
+    layers: Callable[[], Sequence[nn.Module]],
+    *,
+    weights: torch.Tensor | None,
+    select_epoch: int,
+    score_initial: bool,
+) -> TrainResult:
+    """`train_autoencoder` for one unit of `ae` / `ae-embed`: the schedule from the method's config
+    (epochs, batch_size, lr, lr_step, lr_gamma, validate_every, patience, bf16), scored by
+    ctx.validate on the candidate replacement layers `layers()` when there is a validator."""
+    score = (lambda: ctx.validate(dict(zip(unit.names, layers())))) if ctx.validate else None
+    spec = TrainSpec(cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_step, cfg.lr_gamma, cfg.validate_every,
+                     cfg.patience, cfg.bf16)
+    return train_autoencoder(X, encoder, decoder, reconstruct, loss_fn, spec, weights=weights, seed=ctx.seed,
+                             score=score, select_epoch=select_epoch, ctx=ctx, label=fit_label(unit),
+                             score_initial=score_initial)
 
 
 def row_weights(unit: FitUnit, key: str | None, ctx: FitContext) -> torch.Tensor | None:
