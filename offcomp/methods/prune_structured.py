@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -71,15 +71,20 @@ class PruneStructuredConfig(MethodConfig):
     head_dim: int | None = Field(None, gt=0, description="unset: FFN neurons; set: attention heads of this size")
 
 
-class RowSubsetLinear(CompressedModule):
-    """A producer with only the kept rows: its output is the narrowed activation (len(index) channels)."""
+class _SubsetLinear(CompressedModule):
+    """A linear layer holding `kept` rows (`kept_dim` 0) or columns (1) of the original weight, at the
+    original positions `index`; in_features / out_features stay the original sizes."""
+
+    kept_dim: ClassVar[int]
 
     def __init__(self, in_features: int, out_features: int, kept: int, bias: bool,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features  # original sizes
-        self.weight = nn.Parameter(torch.zeros(kept, in_features, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(kept, dtype=dtype, device=device)) if bias else None
+        shape = [out_features, in_features]
+        shape[self.kept_dim] = kept
+        self.weight = nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(shape[0], dtype=dtype, device=device)) if bias else None
         self.register_buffer("index", torch.zeros(kept, dtype=torch.int64, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +92,13 @@ class RowSubsetLinear(CompressedModule):
 
     def to_dense(self) -> torch.Tensor:
         w = self.weight.new_zeros(self.out_features, self.in_features)
-        return w.index_copy(0, self.index, self.weight)
+        return w.index_copy(self.kept_dim, self.index, self.weight)
+
+
+class RowSubsetLinear(_SubsetLinear):
+    """A producer with only the kept rows: its output is the narrowed activation (len(index) channels)."""
+
+    kept_dim = 0
 
     def dense_module(self) -> nn.Module:
         """Full-width nn.Linear (removed rows and their biases zero); export replaces the whole block."""
@@ -104,16 +115,10 @@ class RowSubsetLinear(CompressedModule):
         return f"in={self.in_features}, out={self.weight.shape[0]} of {self.out_features}, bias={self.bias is not None}"
 
 
-class ColumnSubsetLinear(CompressedModule):
+class ColumnSubsetLinear(_SubsetLinear):
     """The consumer with only the kept columns: reads the narrowed activation, writes the full output."""
 
-    def __init__(self, in_features: int, out_features: int, kept: int, bias: bool,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features  # original sizes
-        self.weight = nn.Parameter(torch.zeros(out_features, kept, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self.register_buffer("index", torch.zeros(kept, dtype=torch.int64, device=device))
+    kept_dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.weight.shape[1]:
@@ -123,11 +128,7 @@ class ColumnSubsetLinear(CompressedModule):
                 "listed a producer last; list producers first and the consumer last (e.g. [mlp.gate, mlp.up, "
                 "mlp.down]; on gated FFNs include mlp.gate)"
             )
-        return F.linear(x, self.weight, self.bias)
-
-    def to_dense(self) -> torch.Tensor:
-        w = self.weight.new_zeros(self.out_features, self.in_features)
-        return w.index_copy(1, self.index, self.weight)
+        return super().forward(x)
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]} of {self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -283,7 +284,7 @@ class PruneStructured(Method):
                 orig, layer, g = originals[p], layers[p], blk.per_group[j]
                 idx = (kept[:, None] * g + torch.arange(g)[None, :]).flatten().to(orig.weight.device)
                 layer.index.copy_(idx)
-                dim = 1 if isinstance(layer, ColumnSubsetLinear) else 0
+                dim = layer.kept_dim
                 layer.weight.data.copy_(orig.weight.detach().index_select(dim, idx))
                 if layer.bias is not None:
                     layer.bias.data.copy_(orig.bias.detach() if dim == 1 else orig.bias.detach()[idx])
