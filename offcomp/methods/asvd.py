@@ -9,19 +9,17 @@ Joint groups use the mean of their distinct inputs' statistics.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
 from ..registry import FitContext, FitUnit, MethodConfig, register
 from .lowrank import LowRankMethod, RightScaling, diag_scaling, unit_stats
+from .util import ComputeDtype
 
 
 class ASVDConfig(MethodConfig):
     alpha: float = Field(0.5, ge=0, le=2, description="exponent of mean|x| in the column scaling")
-    compute_dtype: Literal["float64", "float32"] = Field("float64",
-        description="precision of the decomposition (float64: exact LAPACK, float32: faster)")
+    compute_dtype: ComputeDtype = "float64"
     floor: float = Field(1e-6, gt=0, lt=1, description="channels below floor·max are lifted to it")
 
 

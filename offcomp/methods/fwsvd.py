@@ -11,7 +11,7 @@ shared right factor favours the rows the loss is sensitive to. Uniform weights g
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -19,11 +19,11 @@ from pydantic import Field
 from ..errors import OffcompError
 from ..registry import FitContext, FitUnit, MethodConfig, register
 from .lowrank import LowRankMethod
+from .util import ComputeDtype
 
 
 class FWSVDConfig(MethodConfig):
-    compute_dtype: Literal["float64", "float32"] = Field("float64",
-        description="precision of the decomposition (float64: exact LAPACK, float32: faster)")
+    compute_dtype: ComputeDtype = "float64"
     # Rows with (near) zero Fisher importance are lifted to floor·max so the weighting stays invertible.
     floor: float = Field(1e-6, gt=0, lt=1, description="row weights below floor·max are lifted to it")
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
 from ..registry import MethodConfig, register
 from .lowrank import LowRankMethod
+from .util import ComputeDtype
 
 
 class SVDConfig(MethodConfig):
-    compute_dtype: Literal["float64", "float32"] = Field("float64",
-        description="precision of the decomposition (float64: exact LAPACK, float32: faster)")
+    compute_dtype: ComputeDtype = "float64"
 
 
 @register

@@ -43,7 +43,7 @@ from ..errors import OffcompError
 from ..layers import CompressedModule
 from ..registry import FitContext, FitUnit, Method, register
 from .ae_train import RefineConfig, data_stats, refine_rows
-from .util import torch_dtype
+from .util import ComputeDtype, torch_dtype
 
 MODES = ("heads", "head_dim", "other")
 
@@ -52,8 +52,7 @@ class TuckerConfig(RefineConfig):
     head_dim: int | None = Field(None, ge=1, description="size of one head (hidden_size / num_attention_heads)")
     split: Literal["out", "in"] = Field("out", description="which dimension holds the heads: out (q/k/v), in (o)")
     rank_power: float = Field(0.5, ge=0, le=1, description="budget rule: ranks ∝ mode size ** rank_power")
-    compute_dtype: Literal["float64", "float32"] = Field("float64",
-        description="precision of the decomposition (float64: exact LAPACK, float32: faster)")
+    compute_dtype: ComputeDtype = "float64"
     n_iter_max: int = Field(100, ge=1, description="HOOI iterations at most")
     tol: float = Field(1e-4, gt=0, description="HOOI stops when the relative error changes less than this")
 
