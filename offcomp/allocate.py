@@ -111,6 +111,18 @@ def unit_energy(weights: list[torch.Tensor], names: list[str], criterion: str,
     return s2 / s2.sum().clamp_min(1e-300)
 
 
+def free_units(model: nn.Module, plan: Plan) -> list[tuple[str, list[str]]]:
+    """(label, module names) of every unit whose rank `allocate_plan` chooses, in its order."""
+    if plan.allocate is None:
+        return []
+    structure = discover(model)
+    out = []
+    for g in expand_plan(plan, list(structure.modules), structure.roles()):
+        if g.group.rank is None and g.group.ratio is None and g.group.cr is None:
+            out += [(g.label, list(g.names))] if g.group.joint else [(g.label, [n]) for n in g.names]
+    return out
+
+
 def allocate_plan(
     model: nn.Module,
     plan: Plan,
@@ -118,8 +130,12 @@ def allocate_plan(
     *,
     progress: ProgressFn | None = None,
     log: Any = None,
+    energies: dict[tuple[str, ...], torch.Tensor] | None = None,
 ) -> AllocationResult:
-    """Replace the plan-wide `allocate` budget by per-unit ranks (see the module doc)."""
+    """Replace the plan-wide `allocate` budget by per-unit ranks (see the module doc).
+
+    `energies` (unit module names → `unit_energy`), when given, were measured elsewhere (the
+    sequential engine's first pass, one block at a time); the model's weights are then not read."""
     alloc = plan.allocate
     if alloc is None:
         return AllocationResult(plan, {})
@@ -154,8 +170,13 @@ def allocate_plan(
             raise OffcompError(f"group {g.label!r}: {names[0]} cannot be factored at rank {alloc.min_rank} "
                                "and save parameters")
         progress("allocate: spectra", len(units), n_free)
-        weights = [module_view(model, n).weight for n in names]
-        energy = unit_energy(weights, names, alloc.criterion, stats, g.label, log)
+        if energies is not None:
+            if tuple(names) not in energies:
+                raise OffcompError(f"allocation: no sensitivity measured for {names[0]}")
+            energy = energies[tuple(names)]
+        else:
+            weights = [module_view(model, n).weight for n in names]
+            energy = unit_energy(weights, names, alloc.criterion, stats, g.label, log)
         units.append(_Unit(g.index, g.label, names, shapes, g.group.joint, per_rank, max_rank, energy))
     budget = int(alloc.ratio * total_original) - fixed_stored
     spent = sum(alloc.min_rank * u.per_rank for u in units)

@@ -82,9 +82,13 @@ def count_params(model: nn.Module) -> int:
 
 
 def plan_units(
-    model: nn.Module, plan: Plan, stats: dict[str, dict[str, torch.Tensor]] | None = None
+    model: nn.Module, plan: Plan, stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    stats_later: bool = False,
 ) -> list[PlannedUnit]:
-    """Expand and validate a plan against a model; returns what would be fitted, touching nothing."""
+    """Expand and validate a plan against a model; returns what would be fitted, touching nothing.
+
+    The one place a plan becomes fitting units. `stats_later`: the caller (the sequential engine)
+    collects each unit's statistics itself, so their absence now is not an error."""
     structure = discover(model)
     for i, g in enumerate(plan.groups):
         for entry in [e for e in g.modules if e in structure.unsliced]:
@@ -128,7 +132,7 @@ def plan_units(
             unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, g.group.budget(), head_dim)
             need = method.stats_needed(cfg)
             missing = [n for n in names if not stats or not set(need) <= set(stats.get(n, {}))]
-            if need and missing:
+            if need and missing and not stats_later:
                 raise OffcompError(
                     f"group {g.label!r}: method {method.name!r} with these options needs calibration statistics "
                     f"({', '.join(need)}) for {missing[0]}; run `offcomp capture` and pass --stats DIR "
@@ -334,6 +338,56 @@ def _rel_error(originals: list[torch.Tensor], layers: list[nn.Module]) -> float:
     return (num / den) ** 0.5 if den else 0.0
 
 
+def start_report(model: nn.Module, planned: list[PlannedUnit]) -> tuple[CompressReport, Accounting]:
+    """The report before any fit: counts, and tied copies made for modules outside the plan."""
+    acc = accounting(model, planned)
+    report = CompressReport(params_before=count_params(model), compressed_original_params=acc.removed)
+    # The untied copy is stored too, so it counts against the savings.
+    copied = _untie_if_needed(model, {n for p in planned for n in p.unit.names})
+    report.untied_embeddings = copied > 0
+    report.untied_copy_params = acc.copied
+    return report, acc
+
+
+def finish_report(report: CompressReport, acc: Accounting, t0: float) -> CompressReport:
+    # each original tensor once (tied weights are one tensor), whatever number of units replaced it
+    report.params_after = report.params_before - acc.removed + acc.stored + acc.copied
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def fit_unit(model: nn.Module, i: int, p: PlannedUnit, report: CompressReport, *,
+             stats: dict[str, dict[str, torch.Tensor]] | None, device: torch.device, seed: int,
+             progress: ProgressFn, validate: Any = None, log: Any = None, resume: Any = None) -> None:
+    """Fit unit i of a plan (or take it from `resume`), install its layers in `model`, record it.
+    Each unit is seeded `seed + i`, so the units can be fitted in any order or subset."""
+    originals = [module_view(model, n) for n in p.unit.names]
+    if resume is not None and _resume_unit(model, i, p, originals, resume, report):
+        return
+    weights = [o.weight.detach().clone() for o in originals]
+    check_inputs_finite(p.unit, weights, stats)
+    ctx = FitContext(device=device, seed=seed + i, progress=progress, stats=stats, validate=validate)
+    if log:
+        ctx.log = log
+    torch.manual_seed(seed + i)
+    t = time.perf_counter()
+    layers = p.method.fit(p.unit, p.cfg, p.hyper, originals, ctx)
+    seconds = time.perf_counter() - t
+    check_fitted_finite(p.unit, p.method.name, layers)
+    for name, layer in zip(p.unit.names, layers):
+        install(model, name, layer)
+    report.units.append(
+        UnitRecord(
+            p.unit.label, p.method.name, p.unit.names, p.unit.shapes, p.unit.kinds, p.unit.joint,
+            {"kind": p.unit.budget.kind, "value": p.unit.budget.value},
+            p.cfg.model_dump(), p.hyper, p.unit.original_params, p.stored_params,
+            _rel_error(weights, layers), seconds,
+        )
+    )
+    if resume is not None:
+        resume.save_unit(i, layers, asdict(report.units[-1]))
+
+
 def compress_(
     model: nn.Module,
     plan: Plan,
@@ -354,42 +408,11 @@ def compress_(
     stats = with_slice_stats(stats, discover(model))
     planned = plan_units(model, plan, stats)
     progress = with_info(progress or no_progress)  # methods may add {"loss": ...}; a 3-argument callback works
-    acc = accounting(model, planned)
-    report = CompressReport(params_before=count_params(model), compressed_original_params=acc.removed)
-    # The untied copy is stored too, so it counts against the savings.
-    copied = _untie_if_needed(model, {n for p in planned for n in p.unit.names})
-    report.untied_embeddings = copied > 0
-    report.untied_copy_params = acc.copied
+    report, acc = start_report(model, planned)
     dev = torch.device(device) if device else next(model.parameters()).device
     for i, p in enumerate(planned):
         progress(f"fitting {p.unit.label} ({p.method.name})", i, len(planned))
-        originals = [module_view(model, n) for n in p.unit.names]
-        if resume is not None and _resume_unit(model, i, p, originals, resume, report):
-            continue
-        weights = [o.weight.detach().clone() for o in originals]
-        check_inputs_finite(p.unit, weights, stats)
-        ctx = FitContext(device=dev, seed=seed + i, progress=progress, stats=stats, validate=validate)
-        if log:
-            ctx.log = log
-        torch.manual_seed(seed + i)
-        t = time.perf_counter()
-        layers = p.method.fit(p.unit, p.cfg, p.hyper, originals, ctx)
-        seconds = time.perf_counter() - t
-        check_fitted_finite(p.unit, p.method.name, layers)
-        for name, layer in zip(p.unit.names, layers):
-            install(model, name, layer)
-        report.units.append(
-            UnitRecord(
-                p.unit.label, p.method.name, p.unit.names, p.unit.shapes, p.unit.kinds, p.unit.joint,
-                {"kind": p.unit.budget.kind, "value": p.unit.budget.value},
-                p.cfg.model_dump(), p.hyper, p.unit.original_params, p.stored_params,
-                _rel_error(weights, layers), seconds,
-            )
-        )
-        if resume is not None:
-            resume.save_unit(i, layers, asdict(report.units[-1]))
+        fit_unit(model, i, p, report, stats=stats, device=dev, seed=seed, progress=progress, validate=validate,
+                 log=log, resume=resume)
     progress("fitting done", len(planned), len(planned))
-    # each original tensor once (tied weights are one tensor), whatever number of units replaced it
-    report.params_after = report.params_before - acc.removed + acc.stored + acc.copied
-    report.seconds = time.perf_counter() - t0
-    return report
+    return finish_report(report, acc, t0)

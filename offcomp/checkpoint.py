@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -45,6 +46,7 @@ from .swap import densify_, install, module_view
 
 MANIFEST = "offcomp.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # sharded checkpoints (the sequential pipeline): index + shards
 RESULTS = "results.jsonl"  # appended next to the checkpoint by evaluations; not part of it
 CARD = "README.md"  # the model card, rebuilt when evaluations append: derived, not sealed
 # safetensors metadata marking weights that only load through offcomp.json (factors in place of
@@ -177,19 +179,9 @@ def clean_stale(out: Path) -> list[Path]:
     return done
 
 
-def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any],
-                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
-    """Write a compressed model as a checkpoint `from_pretrained` loads (see hf_integration).
-
-    `dtype` casts the model's floating tensors in place before writing (None: keep the model's own),
-    so the model in memory is afterwards exactly what a reload gives."""
-    from .model_card import write_model_card
-
-    out = prepare_out_dir(out, overwrite)
-    if dtype is not None:
-        model.to(dtype=dtype)
+def _manifest_header(model: nn.Module, manifest: dict[str, Any]) -> dict[str, Any]:
     attach(model, manifest.get("report", {}).get("units", []))
-    manifest = {
+    return {
         "format": "offcomp", "format_version": FORMAT_VERSION, "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": type(model).__name__, "model_type": model.config.model_type,
@@ -197,17 +189,141 @@ def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), **manifest,
     }
 
+
+def _finish_dir(tmp: Path, out: Path, model: nn.Module, tokenizer: Any, manifest: dict[str, Any]) -> None:
+    """Tokenizer, byte counts, the sealed manifest and the model card, once the weights are in `tmp`."""
+    from .model_card import write_model_card
+
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    manifest["bytes"] = checkpoint_bytes(model, tmp, manifest.get("report", {}))
+    sealed = seal({**manifest, "files": hash_files(tmp, skip={MANIFEST, CARD})})
+    (tmp / MANIFEST).write_text(dumps(sealed, indent=2))
+    write_model_card(tmp, title=out.name)
+
+
+def save_compressed(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any],
+                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write a compressed model as a checkpoint `from_pretrained` loads (see hf_integration).
+
+    `dtype` casts the model's floating tensors in place before writing (None: keep the model's own),
+    so the model in memory is afterwards exactly what a reload gives."""
+    out = prepare_out_dir(out, overwrite)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    manifest = _manifest_header(model, manifest)
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)  # the quantizer writes the factors and the offcomp mark
         _sort_metadata(tmp / WEIGHTS)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        manifest["bytes"] = checkpoint_bytes(model, tmp, manifest.get("report", {}))
-        sealed = seal({**manifest, "files": hash_files(tmp, skip={MANIFEST, CARD})})
-        (tmp / MANIFEST).write_text(dumps(sealed, indent=2))
-        write_model_card(tmp, title=out.name)
+        _finish_dir(tmp, out, model, tokenizer, manifest)
 
     return atomic_dir(out, write, overwrite)
+
+
+class ShardWriter:
+    """A compressed checkpoint written block by block (the sequential pipeline): each block goes to
+    its own safetensors shard as soon as it is final, in the layout the quantizer's
+    `save_pretrained` writes (shared factors once, empty `.weight` sentinels, offcomp's mark), so
+    the whole model is never in memory. `finish` adds the rest of the model and the index."""
+
+    def __init__(self, directory: Path, dtype: torch.dtype | None = None) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype
+        self.files: dict[str, Path] = {}  # stem → file, in model order
+
+    def write(self, stem: str, module: nn.Module, prefix: str, exclude: str | None = None) -> Path:
+        """Save `module` (named `prefix` in the model) as shard `stem`; `exclude`: a name prefix
+        (the block list, when saving what is outside it)."""
+        from .hf_integration import compressed_modules, shared_aliases
+
+        if self.dtype is not None:
+            module.to(dtype=self.dtype)
+        full = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+        state: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        drop = set(shared_aliases(module))
+        for k, t in module.state_dict(keep_vars=True).items():
+            if exclude and full(k).startswith(exclude + "."):
+                continue
+            if k in drop or id(t) in seen:  # a shared factor or a tied weight: stored once
+                continue
+            seen.add(id(t))
+            state[full(k)] = t.detach().to("cpu").contiguous()
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        for name in compressed_modules(module):
+            if (exclude and full(name).startswith(exclude + ".")) or f"{full(name)}.weight" in state:
+                continue
+            state[f"{full(name)}.weight"] = torch.zeros(0, dtype=dtype)
+        path = self.directory / f"{stem}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(state, str(tmp), metadata=WEIGHTS_MARK)
+        _sort_metadata(tmp)
+        os.replace(tmp, path)
+        self.files[stem] = path
+        return path
+
+
+def save_sharded(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any], writer: ShardWriter,
+                 overwrite: bool = False) -> Path:
+    """Finish a checkpoint whose blocks `writer` has written: the rest of the model as the last
+    shard, `model.safetensors.index.json`, config.json with the quantization_config, tokenizer and
+    the sealed manifest, all swapped into place at once."""
+    from .swap import discover
+
+    out = prepare_out_dir(out, overwrite)
+    blocks = discover(model).blocks
+    writer.write("rest", model, "", exclude=blocks)
+    if writer.dtype is not None:
+        model.to(dtype=writer.dtype)  # what is still in memory (meta blocks cost nothing)
+    manifest = _manifest_header(model, manifest)
+
+    def write(tmp: Path) -> None:
+        from safetensors import safe_open
+
+        files = list(writer.files.values())
+        weight_map: dict[str, str] = {}
+        total = 0
+        for k, f in enumerate(files):
+            name = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+            with safe_open(str(f), "pt") as sf:
+                for key in sf.keys():
+                    weight_map[key] = name
+                    sl = sf.get_slice(key)
+                    total += _numel(sl.get_shape()) * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+            shutil.copyfile(f, tmp / name)
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map":
+                                             dict(sorted(weight_map.items()))}, indent=2))
+        model.config.architectures = [type(model).__name__]
+        model.config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        _finish_dir(tmp, out, model, tokenizer, manifest)
+
+    return atomic_dir(out, write, overwrite)
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def weight_files(directory: Path) -> list[str]:
+    """The weight files of a checkpoint directory: model.safetensors, or the index and its shards."""
+    if (directory / INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise OffcompError(f"{directory / INDEX} is not a valid shard index; {REMAKE}") from None
+        return [INDEX, *shards]
+    return [WEIGHTS]
 
 
 def checkpoint_bytes(model: nn.Module, directory: Path, report: dict[str, Any]) -> dict[str, Any]:
@@ -234,9 +350,9 @@ def checkpoint_bytes(model: nn.Module, directory: Path, report: dict[str, Any]) 
         unit["stored_bytes"] = unit_bytes
         total += unit_bytes
     elsize = next(model.parameters()).element_size()
-    weights = directory / WEIGHTS
+    weights = [directory / f for f in weight_files(directory) if f != INDEX]
     return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "weights_file": weights.stat().st_size if weights.is_file() else None,
+            "weights_file": sum(f.stat().st_size for f in weights) if all(f.is_file() for f in weights) else None,
             "compressed_modules": total,
             "compressed_modules_dense": sum(u["original_params"] for u in report.get("units", [])) * elsize,
             "dense_model_estimate": report.get("params_before", 0) * elsize}
@@ -337,13 +453,20 @@ def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | N
     path = Path(path)
     manifest = read_manifest(path, verify)
     files = manifest.get("files")
-    if files is not None and (not isinstance(files, dict) or WEIGHTS not in files):
+    if files is not None and (not isinstance(files, dict) or not (WEIGHTS in files or INDEX in files)):
         raise OffcompError(f"{path / MANIFEST} is malformed (files: no entry for {WEIGHTS}); {REMAKE}")
     hashes = verify_files(path, files, verify=verify, fix=REMAKE, manifest=MANIFEST) if files is not None else {}
-    if not (path / WEIGHTS).is_file():
+    if not (path / WEIGHTS).is_file() and not (path / INDEX).is_file():
         raise OffcompError(f"{path / WEIGHTS} is missing; {REMAKE}")
-    recorded = (files or {}).get(WEIGHTS, {}).get("sha256")
-    sha = hashes.get(WEIGHTS) or (recorded if not verify else None) or file_sha256(path / WEIGHTS)
+    names = weight_files(path)
+    missing_files = [n for n in names if not (path / n).is_file()]
+    if missing_files:
+        raise OffcompError(f"{path / missing_files[0]} is missing; {REMAKE}")
+    shas = [hashes.get(n) or ((files or {}).get(n, {}).get("sha256") if not verify else None)
+            or file_sha256(path / n) for n in names]
+    # the weights' identity: the file's hash, or for shards a hash of every weight file's hash
+    sha = shas[0] if len(names) == 1 else hashlib.sha256(
+        "".join(f"{n}:{h}\n" for n, h in zip(names, shas)).encode()).hexdigest()
     saved_head = manifest["head"] if "head" in manifest else "base"
     head = saved_head if head == "auto" else head
     if head not in HEADS:

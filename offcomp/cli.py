@@ -304,6 +304,15 @@ def compress(
     save_dtype: Annotated[str | None, typer.Option(
         help="dtype of the saved weights: fp32, bf16 or fp16 (default: the base checkpoint's own); "
              "fitting always runs in fp32/fp64")] = None,
+    pipeline: Annotated[str, typer.Option(
+        help="sequential: one block at a time, read lazily (memory independent of depth); global: whole model "
+             "and whole-model statistics; auto: sequential when the plan needs calibration data")] = "auto",
+    calib_loop: Annotated[str, typer.Option(
+        help="sequential pipeline: statistics on the compressed prefix's outputs (closed) or the dense "
+             "model's (open)")] = "closed",
+    hidden_states: Annotated[str, typer.Option(
+        help="sequential pipeline: keep calibration hidden states on the device, cpu or disk (auto: where "
+             "they fit)")] = "auto",
     device: Device = "cpu",
     seed: int = 0,
     dry_run: Annotated[bool, typer.Option(help="expand and validate the plan, print the table, write nothing")] = False,
@@ -353,7 +362,8 @@ def compress(
                                 valid=valid,
                                 overwrite=overwrite, dry_run=dry_run, trust_remote_code=trust_remote_code,
                                 plan_source=source, save_dtype=save_dtype, progress=progress,
-                                verify=not no_verify, warn=warn_line)
+                                verify=not no_verify, warn=warn_line, pipeline=pipeline, calib_loop=calib_loop,
+                                hidden_states=hidden_states)
     table = Table(title=f"{'dry run: ' if dry_run else ''}{model} → {out_dir or '-'}")
     for col in ("group", "method", "modules", "mode", "hyper", "original", "stored", "max rel. error"):
         table.add_column(col)
@@ -370,7 +380,9 @@ def compress(
         rep = result["report"]
         table.caption = (f"params {rep['params_before']:,} → {rep['params_after']:,} "
                          f"(ratio {rep['ratio']:.3f}) in {rep['seconds']:.1f}s; "
-                         f"model.safetensors {result['bytes']['weights_file']:,} bytes ({result['bytes']['dtype']})")
+                         f"weights {result['bytes']['weights_file']:,} bytes ({result['bytes']['dtype']})"
+                         + (f"; sequential, {result['pipeline']['loop']} loop"
+                            if (result.get("pipeline") or {}).get("pipeline") == "sequential" else ""))
     emit(result, as_json, table)
 
 

@@ -72,7 +72,7 @@ def render_card(manifest: dict[str, Any], records: list[dict[str, Any]], title: 
              f"| base model | {_n(rep.get('params_before'))} | {_n(size.get('dense_model_estimate'))} (dense, "
              f"{size.get('dtype', '?')}) |",
              f"| compressed model | {_n(rep.get('params_after'))} | {_n(size.get('weights_file'))} "
-             f"(model.safetensors) |",
+             f"(weights files) |",
              f"| replaced weights, before | {_n(rep.get('compressed_original_params'))} | "
              f"{_n(size.get('compressed_modules_dense'))} |",
              f"| replaced weights, after | {_n(rep.get('compressed_stored_params'))} | "

@@ -43,36 +43,8 @@ from .errors import OffcompError
 from .layers import CompressedModule
 from .plan import ModularConfig
 from .progress import ProgressFn, no_progress, with_info
+from .sequential import BlockCall, _first, _split, layer_inputs
 from .swap import discover, layer_list
-
-
-class _Stop(Exception):
-    pass
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-def _split(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple, dict[str, Any], bool]:
-    """(hidden states, other args, other kwargs, hidden given by keyword?) of a block call."""
-    if args:
-        return args[0], tuple(args[1:]), dict(kwargs), False
-    kw = dict(kwargs)
-    return kw.pop("hidden_states"), (), kw, True
-
-
-class BlockCall:
-    """How a block was called by its layer: everything but the hidden states, which is the same
-    for every calibration window of one length (rotary embeddings, masks)."""
-
-    def __init__(self, args: tuple, kwargs: dict[str, Any], by_keyword: bool) -> None:
-        self.args, self.kwargs, self.by_keyword = args, kwargs, by_keyword
-
-    def __call__(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.by_keyword:
-            return _first(block(*self.args, hidden_states=x, **self.kwargs))
-        return _first(block(x, *self.args, **self.kwargs))
 
 
 def _layer_list(model: nn.Module) -> list[nn.Module]:
@@ -105,30 +77,6 @@ def _trainable(block: nn.Module, shared: set[int]) -> list[nn.Parameter]:
                 if id(p) not in shared and p.is_floating_point():
                     seen[id(p)] = p
     return list(seen.values())
-
-
-def _layer_inputs(teacher: nn.Module, first: nn.Module, windows: torch.Tensor,
-                  device: torch.device) -> tuple[list[torch.Tensor], BlockCall]:
-    """Hidden states entering the first layer for every window, and how the layers are called."""
-    seen: dict[str, Any] = {"x": []}
-
-    def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        x, rest, kw, by_kw = _split(args, kwargs)
-        seen["x"].append(x.detach())
-        seen.setdefault("call", BlockCall(rest, kw, by_kw))
-        raise _Stop
-
-    h = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for w in windows:
-                try:
-                    teacher(input_ids=w[None].to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
-    return seen["x"], seen["call"]
 
 
 def _capture_blocks(layer: nn.Module, paths: list[str], hidden: list[torch.Tensor], call: BlockCall):
@@ -254,9 +202,9 @@ def modular_train(
     teacher.eval()
     student.eval()  # no dropout: the block outputs are the regression targets
     gen = torch.Generator().manual_seed(seed)
-    hidden, call = _layer_inputs(teacher, t_layers[0], windows, dev)
+    hidden, call = layer_inputs(teacher, t_layers[0], windows, dev)
     if cfg.mode == "sequential":
-        s_hidden, _ = _layer_inputs(student, s_layers[0], windows, dev)
+        s_hidden, _ = layer_inputs(student, s_layers[0], windows, dev)
         blocks = _train_sequential(t_layers, s_layers, hidden, s_hidden, call, shared, cfg, gen, progress, log,
                                    _Resume(resume, gen, shared))
     else:
@@ -288,53 +236,71 @@ class _Resume:
             self.store.save_layer(i, self._params(layer), records, self.gen)
 
 
+def train_layer_blocks(i: int, tl: nn.Module, sl: nn.Module, hidden: Any, call: BlockCall, roles: dict[str, str],
+                       shared: set[int], cfg: ModularConfig, gen: torch.Generator, progress: ProgressFn, log: Any,
+                       resume: _Resume) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+    """Layer i in the paper's regime: each compressed block of `sl` learns, on the dense inputs
+    `hidden`, the outputs of the same block of the dense layer `tl`. Returns the records and the
+    dense layer's outputs (the next layer's dense inputs)."""
+    paths = [p for p in block_paths(sl, roles) if _trainable(sl.get_submodule(p), shared)]
+    outs, io = _capture_blocks(tl, paths, hidden, call)
+    done = resume.load(i, sl)
+    if done is not None:
+        return done, outs
+    records = []
+    for p in paths:
+        label = f"layers.{i}" + (f".{p}" if p else "")
+        rec = train_block(tl.get_submodule(p), sl.get_submodule(p), io[p], _trainable(sl.get_submodule(p), shared),
+                          cfg, gen, label, progress)
+        log(f"modular {label}: normalised MSE {rec['nmse_before']:.4g} → {rec['nmse_after']:.4g} "
+            f"(epoch {rec['best_epoch']})")
+        records.append(rec)
+    resume.save(i, sl, records)
+    return records, outs
+
+
+def train_layer_sequential(i: int, tl: nn.Module, sl: nn.Module, hidden: Any, s_hidden: Any, call: BlockCall,
+                           shared: set[int], cfg: ModularConfig, gen: torch.Generator, progress: ProgressFn, log: Any,
+                           resume: _Resume) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+    """Layer i's compressed parameters (all its blocks at once) learn to map the compressed model's
+    hidden states `s_hidden` to the dense layer's outputs on the dense states `hidden`. Returns the
+    records and those dense outputs; the caller moves the student's stream through the trained layer."""
+    with torch.no_grad():
+        outs = [call(tl, x) for x in hidden]
+    params = _trainable(sl, shared)
+    done = resume.load(i, sl) if params else None
+    if done is not None or not params:
+        return done or [], outs
+    io = {"x": s_hidden, "y": outs, "call": call, "teacher_x": hidden, "scale_ref": hidden}
+    rec = train_block(tl, sl, io, params, cfg, gen, f"layers.{i}", progress)
+    log(f"modular layers.{i}: normalised MSE {rec['nmse_before']:.4g} → {rec['nmse_after']:.4g} "
+        f"(epoch {rec['best_epoch']})")
+    resume.save(i, sl, [rec])
+    return [rec], outs
+
+
 def _train_blocks(t_layers: list[nn.Module], s_layers: list[nn.Module], hidden: list[torch.Tensor],
                   call: BlockCall, roles: dict[str, str], shared: set[int], cfg: ModularConfig,
                   gen: torch.Generator, progress: ProgressFn, log: Any, resume: _Resume) -> list[dict[str, Any]]:
     """The paper's regime: every block on the dense model's inputs, towards the dense block's outputs."""
     blocks = []
     for i, (tl, sl) in enumerate(zip(t_layers, s_layers)):
-        paths = [p for p in block_paths(sl, roles) if _trainable(sl.get_submodule(p), shared)]
-        outs, io = _capture_blocks(tl, paths, hidden, call)
-        done = resume.load(i, sl)
-        if done is not None:
-            blocks += done
-            hidden = outs
-            continue
-        first = len(blocks)
-        for p in paths:
-            label = f"layers.{i}" + (f".{p}" if p else "")
-            rec = train_block(tl.get_submodule(p), sl.get_submodule(p), io[p], _trainable(sl.get_submodule(p), shared),
-                              cfg, gen, label, progress)
-            log(f"modular {label}: normalised MSE {rec['nmse_before']:.4g} → {rec['nmse_after']:.4g} "
-                f"(epoch {rec['best_epoch']})")
-            blocks.append(rec)
-        resume.save(i, sl, blocks[first:])
-        hidden = outs
+        records, hidden = train_layer_blocks(i, tl, sl, hidden, call, roles, shared, cfg, gen, progress, log, resume)
+        blocks += records
     return blocks
 
 
 def _train_sequential(t_layers: list[nn.Module], s_layers: list[nn.Module], hidden: list[torch.Tensor],
                       s_hidden: list[torch.Tensor], call: BlockCall, shared: set[int], cfg: ModularConfig,
                       gen: torch.Generator, progress: ProgressFn, log: Any, resume: _Resume) -> list[dict[str, Any]]:
-    """Each layer's compressed parameters (all its blocks at once) learn to map the compressed
-    model's hidden states to the dense layer's outputs; the student's stream moves on through the
-    trained layer, so the next layer learns to correct what is left."""
+    """Each layer's compressed parameters learn to map the compressed model's hidden states to the
+    dense layer's outputs; the student's stream moves on through the trained layer, so the next
+    layer learns to correct what is left."""
     records = []
     for i, (tl, sl) in enumerate(zip(t_layers, s_layers)):
-        with torch.no_grad():
-            outs = [call(tl, x) for x in hidden]
-        params = _trainable(sl, shared)
-        done = resume.load(i, sl) if params else None
-        if done is not None:
-            records += done
-        elif params:
-            io = {"x": s_hidden, "y": outs, "call": call, "teacher_x": hidden, "scale_ref": hidden}
-            rec = train_block(tl, sl, io, params, cfg, gen, f"layers.{i}", progress)
-            log(f"modular layers.{i}: normalised MSE {rec['nmse_before']:.4g} → {rec['nmse_after']:.4g} "
-                f"(epoch {rec['best_epoch']})")
-            records.append(rec)
-            resume.save(i, sl, [rec])
+        recs, outs = train_layer_sequential(i, tl, sl, hidden, s_hidden, call, shared, cfg, gen, progress, log,
+                                            resume)
+        records += recs
         with torch.no_grad():
             s_hidden = [call(sl, x) for x in s_hidden]
         hidden = outs

@@ -114,8 +114,17 @@ def compress_model(
     progress: ProgressFn | None = None,
     verify: bool = True,
     warn: Callable[[str], None] | None = None,
+    pipeline: str = "auto",
+    calib_loop: str = "closed",
+    hidden_states: str = "auto",
 ) -> dict[str, Any]:
     """Compress a named model by a plan and save the checkpoint; returns the manifest.
+
+    `pipeline`: "sequential" reads and compresses one block at a time (offcomp.sequential: peak
+    memory independent of depth; statistics closed-loop on the compressed prefix, or "open" on the
+    dense model by `calib_loop`); "global" loads the whole model and captures whole-model
+    statistics first; "auto" is sequential whenever the plan needs calibration data and can run
+    block by block. `hidden_states`: where the sequential pipeline keeps them (auto, device, cpu, disk).
 
     Fitting runs in fp32/fp64 whatever `save_dtype` (fp32, bf16, fp16; default: the dtype the base
     checkpoint stores) says; the weights are cast only when written.
@@ -125,6 +134,12 @@ def compress_model(
     receives one line when the plan is valid but known to wreck the model (offcomp.advice)."""
     from .capture import capture_for_plan, check_stats_model, load_stats
 
+    if pipeline not in ("auto", "sequential", "global"):
+        raise OffcompError(f"unknown --pipeline {pipeline!r}; use auto, sequential or global")
+    if calib_loop not in ("closed", "open"):
+        raise OffcompError(f"unknown --calib-loop {calib_loop!r}; use closed or open")
+    if hidden_states not in ("auto", "device", "cpu", "disk"):
+        raise OffcompError(f"unknown --hidden-states {hidden_states!r}; use auto, device, cpu or disk")
     if out is None and not dry_run:
         raise OffcompError("compress needs --out DIR (or --dry-run)")
     if out is not None and not dry_run:
@@ -141,6 +156,16 @@ def compress_model(
         text = load_calibration_text(calib["data"], refuse_test_split(calib["data"], calib["split"]))
         seen.append(text_identity(text, "calibration"))
     dev = parse_device(device)
+    chosen = choose_pipeline(model, plan, pipeline, calib=calib, stats=stats, valid=valid, dry_run=dry_run,
+                             trust_remote_code=trust_remote_code)
+    if chosen == "sequential":
+        return compress_model_sequential(
+            model, plan, out, device=dev, seed=seed, stats=stats, calib=calib, overwrite=overwrite,
+            trust_remote_code=trust_remote_code, plan_source=plan_source, save_dtype=cast, progress=progress,
+            verify=verify, warn=warn, loop=calib_loop, placement=hidden_states, seen=seen)
+    if pipeline == "global" and calib_loop != "closed":
+        raise OffcompError("--calib-loop applies to the sequential pipeline; the global one captures on the dense "
+                           "model (that is --pipeline sequential --calib-loop open)")
     bundle = load_model(model, trust_remote_code=trust_remote_code, verify=verify)
     limit = getattr(bundle.model.config, "max_position_embeddings", None)
     if calib is not None and limit and calib["seq_len"] > limit:
@@ -209,6 +234,7 @@ def compress_model(
         bundle.model.to("cpu")
         manifest = _manifest(bundle, plan, plan_source, seed, report, calibration, allocation, validation, modular,
                              notes)
+        manifest["pipeline"] = {"pipeline": "global"}
         if seen:
             manifest["calibration_data"] = seen
         manifest["resume"] = {"partial": str(store.path), "resumed_units": report.resumed_units,
@@ -224,6 +250,144 @@ def compress_model(
         raise
     store.close(remove=True)
     return {"out": str(out), **read_manifest(out)}
+
+
+def compress_model_sequential(
+    model: str, plan: Plan, out: str | Path | None, *, device: torch.device, seed: int, stats: Any,
+    calib: dict[str, Any] | None, overwrite: bool, trust_remote_code: bool, plan_source: str | None,
+    save_dtype: torch.dtype | None, progress: ProgressFn | None, verify: bool, warn: Callable[[str], None] | None,
+    loop: str, placement: str, seen: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """`compress_model` through offcomp.sequential: the base model's blocks are read from its
+    safetensors one at a time (a hub id or another format is loaded whole), compressed on the
+    calibration windows' hidden states and written to their output shard at once."""
+    from .capture import CaptureSpec, calibration_batches, load_calibration_text, refuse_test_split
+    from .checkpoint import ShardWriter, save_compressed, save_sharded
+    from .data import causal_text
+    from .lazy import load_lazy
+    from .sequential import compress_sequential
+
+    assert out is not None  # compress_model checked it
+    try:
+        bundle, source = load_lazy(model, trust_remote_code=trust_remote_code)
+    except OffcompError as e:
+        if "lazy loading reads a local directory" not in str(e):
+            raise
+        bundle, source = load_model(model, trust_remote_code=trust_remote_code, verify=verify), None
+    if stats is not None:
+        from .capture import check_stats_model
+
+        check_stats_model(stats, bundle.sha256)
+    windows = None
+    calibration = None
+    if calib is not None:
+        limit = getattr(bundle.model.config, "max_position_embeddings", None)
+        if limit and calib["seq_len"] > limit:
+            raise OffcompError(f"--calib-seq-len {calib['seq_len']} exceeds the model's {limit} positions; "
+                               f"use --calib-seq-len {min(limit, 512)} or less")
+        text = load_calibration_text(calib["data"], refuse_test_split(calib["data"], calib["split"]))
+        kind = bundle.kind if bundle.kind in ("causal", "masked") else "encoder"
+        spec = CaptureSpec(samples=calib["samples"], seq_len=calib["seq_len"], seed=calib["seed"])
+        # the very windows (and BERT masking) `offcomp capture` draws: open loop equals the global pipeline
+        windows = torch.cat([b["input_ids"] for b in calibration_batches(bundle.tokenizer, causal_text(text), spec,
+                                                                         kind)])
+        calibration = {"data": {k: v for k, v in text_identity(text, "").items() if k != "role"},
+                       "spec": {"samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
+                                "batch_size": spec.batch_size}, "loss": kind, "n_tokens": int(windows.numel()),
+                       "collected": f"per block, {loop} loop (sequential pipeline)"}
+    elif stats is not None:
+        meta = getattr(stats, "meta", None) or {}
+        calibration = {k: meta.get(k) for k in ("path", "key", "data", "loss", "spec", "n_tokens")}
+    if warn is not None and plan.modular is None and plan.allocate is None:
+        from .advice import data_free_warning
+
+        advice = data_free_warning(plan_units(bundle.model, plan, stats, stats_later=True),
+                                   count_params(bundle.model), bundle.kind)
+        if advice:
+            warn(advice)
+    notes: list[str] = []
+    store = PartialStore(out, {
+        "pipeline": "sequential", "loop": loop, "plan": plan.model_dump(), "base_sha256": bundle.sha256,
+        "head": bundle.head, "stats_key": (getattr(stats, "meta", None) or {}).get("key") if stats else None,
+        "calib": calib, "calib_sha256": _text_sha256(calib), "seed": seed, "device": str(device),
+        "save_dtype": str(save_dtype), "offcomp": versions()["offcomp"], "torch": torch.__version__})
+    dtype = save_dtype or stored_dtype(bundle.source, trust_remote_code)
+    writer = ShardWriter(store.path / "shards", dtype) if source is not None else None
+    try:
+        report, allocation, modular, run = compress_sequential(
+            bundle.model, plan, source=source, windows=windows, stats=stats, device=device, loop=loop,  # type: ignore[arg-type]
+            seed=seed, placement=placement, spill=store.path / "hidden", progress=progress, log=notes.append,
+            resume=store, write_block=None if writer is None else
+            (lambda i, layer: writer.write(f"block-{i:05d}", layer, f"{discover_blocks(bundle.model)}.{i}")))
+        if modular is not None and calib is not None:
+            modular["data"] = {k: calib[k] for k in ("data", "split", "seq_len", "seed")}
+        manifest = _manifest(bundle, plan, plan_source, seed, report, calibration, allocation, None, modular, notes)
+        manifest["pipeline"] = run.to_dict()
+        if seen:
+            manifest["calibration_data"] = seen
+        manifest["resume"] = {"partial": str(store.path), "resumed_units": report.resumed_units,
+                              "fitted_units": len(report.units) - report.resumed_units,
+                              "resumed_modular_layers": store.resumed_layers}
+        if writer is not None:
+            save_sharded(bundle.model, bundle.tokenizer, out, manifest, writer, overwrite=overwrite)
+        else:
+            bundle.model.to("cpu")
+            save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite, dtype=dtype)
+    except OffcompError:
+        store.close(remove=True)
+        raise
+    except BaseException:
+        store.close(remove=False)
+        raise
+    store.close(remove=True)
+    return {"out": str(out), **read_manifest(out)}
+
+
+def discover_blocks(model: Any) -> str:
+    from .swap import discover
+
+    return discover(model).blocks
+
+
+def choose_pipeline(model: str, plan: Plan, pipeline: str, *, calib: dict[str, Any] | None, stats: Any,
+                    valid: dict[str, Any] | None, dry_run: bool, trust_remote_code: bool = False) -> str:
+    """"sequential" or "global" for `--pipeline auto|sequential|global` (see compress_model). An
+    explicit "sequential" that cannot work is one line saying why; "auto" then quietly goes global."""
+    if pipeline == "global" or dry_run:
+        return "global"
+    why = None
+    if valid is not None:
+        why = "--valid-data scores candidates on the whole model"
+    elif stats is not None and pipeline == "auto":
+        why = "--stats holds whole-model statistics"
+    elif calib is None and stats is None and pipeline == "auto":
+        why = "the plan uses no calibration data"
+    if why is None:
+        from .sequential import sequential_blocker
+        from .swap import skeleton
+
+        config = model_config(model, trust_remote_code)
+        sk = _head_skeleton(config, trust_remote_code) or skeleton(config, trust_remote_code)
+        try:
+            why = sequential_blocker(sk, plan, stats_given=stats is not None)
+        except OffcompError:
+            why = None  # a bad plan: the pipeline that runs it says what is wrong
+    if why is None:
+        return "sequential"
+    if pipeline == "sequential":
+        raise OffcompError(f"the sequential pipeline cannot run this: {why}; use --pipeline global")
+    return "global"
+
+
+def _head_skeleton(config: Any, trust_remote_code: bool) -> Any:
+    """The meta skeleton with the checkpoint's own head (plans may name the LM head)."""
+    from .lazy import empty_model
+    from .models import HEADS, default_head
+
+    try:
+        return empty_model(config, HEADS[default_head(config)], trust_remote_code)
+    except (ValueError, KeyError, OSError):
+        return None
 
 
 def _text_sha256(source: dict[str, Any] | None) -> str | None:

@@ -102,6 +102,9 @@ def compression_summary(manifest: dict[str, Any] | None) -> dict[str, Any] | Non
         mode = (plan.get("modular") or {}).get("mode") or ((manifest.get("modular") or {}).get("config") or {}).get(
             "mode", "?")
         method += f" +modular({mode})"
+    pipe = manifest.get("pipeline") or {}
+    if pipe.get("pipeline") == "sequential" and manifest.get("calibration"):
+        method += f" seq({pipe.get('loop', '?')})"  # statistics taken block by block: another recipe
     grouping = "; ".join(
         _modules(g.get("modules") or []) + (", joint" if g.get("joint") else ", separate")
         + ("" if str(g.get("layers", "all")) == "all" else f", layers {g['layers']}") for g in groups) or "-"
