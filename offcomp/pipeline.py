@@ -291,6 +291,10 @@ def compress_model_sequential(
         # the very windows (and BERT masking) `offcomp capture` draws: open loop equals the global pipeline
         windows = torch.cat([b["input_ids"] for b in calibration_batches(bundle.tokenizer, causal_text(text), spec,
                                                                          kind)])
+    reads_stats = plan.allocate is not None or any(
+        get_method(g.method).stats_needed(get_method(g.method).parse_config(g.options, g.name or g.method))
+        for g in plan.groups)
+    if calib is not None and reads_stats:
         calibration = {"data": {k: v for k, v in text_identity(text, "").items() if k != "role"},
                        "spec": {"samples": spec.samples, "seq_len": spec.seq_len, "seed": spec.seed,
                                 "batch_size": spec.batch_size}, "loss": kind, "n_tokens": int(windows.numel()),
