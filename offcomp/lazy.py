@@ -103,30 +103,47 @@ def materialise(model: nn.Module, module: nn.Module, prefix: str, source: LazyCh
                 skip: frozenset[str] = frozenset()) -> int:
     """Read the meta tensors of `module` (named `prefix` in `model`) from `source`; returns how many.
     `recurse=False`: the module's own tensors only; `skip`: tensor names left alone (a tied head).
-    A tensor the checkpoint lacks is an error: it would otherwise stay uninitialised."""
-    todo: list[tuple[nn.Module, str, str, bool]] = []
+    A tensor shared under several names (BERT's decoder bias is `cls.predictions.bias`) is read by
+    whichever name the checkpoint stores and given to every holder. A tensor the checkpoint lacks
+    under every name is an error: it would otherwise stay uninitialised."""
+    todo: list[tuple[torch.Tensor, str]] = []
     for sub_name, sub in module.named_modules() if recurse else [("", module)]:
         for attr, t in [*sub._parameters.items(), *sub._buffers.items()]:
             if t is None or t.device.type != "meta" or (sub_name and f"{sub_name}.{attr}" in skip) \
                     or (not sub_name and attr in skip):
                 continue
-            full = ".".join(x for x in (prefix, sub_name, attr) if x)
-            todo.append((sub, attr, full, attr in sub._parameters))
+            todo.append((t, ".".join(x for x in (prefix, sub_name, attr) if x)))
+    if not todo:
+        return 0
+    holders: dict[int, list[tuple[nn.Module, str, bool]]] = {}  # every (module, attribute) of a tensor
+    names: dict[int, list[str]] = {}
+    for mname, sub in model.named_modules(remove_duplicate=False):
+        for table, is_param in ((sub._parameters, True), (sub._buffers, False)):
+            for attr, t in table.items():
+                if t is not None and t.device.type == "meta":
+                    holders.setdefault(id(t), []).append((sub, attr, is_param))
+                    names.setdefault(id(t), []).append(f"{mname}.{attr}" if mname else attr)
     keys, base = [], _prefix(model)
-    for _, _, full, _ in todo:
-        key = source.key_for(full, base)
+    for t, full in todo:
+        key = next((k for n in [full, *names.get(id(t), [])] if (k := source.key_for(n, base)) is not None), None)
         if key is None:
             raise OffcompError(f"{source.directory} has no tensor for {full}; the checkpoint does not match its "
                                "config (incomplete download?)")
         keys.append(key)
     tensors = source.read(list(dict.fromkeys(keys)), device, dtype)
-    for (sub, attr, _, is_param), key in zip(todo, keys):
-        t = tensors[key]
-        if is_param:
-            sub._parameters[attr] = nn.Parameter(t, requires_grad=False)
-        else:
-            sub._buffers[attr] = t
-    return len(todo)
+    done: set[int] = set()
+    for (t, _), key in zip(todo, keys):
+        if id(t) in done:
+            continue
+        done.add(id(t))
+        value = tensors[key]
+        param = nn.Parameter(value, requires_grad=False)  # one Parameter for every holder: ties survive
+        for sub, attr, is_param in holders.get(id(t), []):
+            if is_param:
+                sub._parameters[attr] = param
+            else:
+                sub._buffers[attr] = value
+    return len(done)
 
 
 def release(module: nn.Module) -> None:

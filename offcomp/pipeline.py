@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -265,7 +267,7 @@ def compress_model_sequential(
     from .checkpoint import ShardWriter, save_compressed, save_sharded
     from .data import causal_text
     from .lazy import load_lazy
-    from .sequential import compress_sequential
+    from .sequential import compress_sequential, init_distributed, world
 
     assert out is not None  # compress_model checked it
     try:
@@ -310,40 +312,58 @@ def compress_model_sequential(
         if advice:
             warn(advice)
     notes: list[str] = []
-    store = PartialStore(out, {
+    # torchrun: every rank calibrates on its share of the windows; rank 0 alone keeps and writes
+    device = init_distributed(device)
+    rank, size = world()
+    material = {
         "pipeline": "sequential", "loop": loop, "plan": plan.model_dump(), "base_sha256": bundle.sha256,
         "head": bundle.head, "stats_key": (getattr(stats, "meta", None) or {}).get("key") if stats else None,
-        "calib": calib, "calib_sha256": _text_sha256(calib), "seed": seed, "device": str(device),
-        "save_dtype": str(save_dtype), "offcomp": versions()["offcomp"], "torch": torch.__version__})
+        "calib": calib, "calib_sha256": _text_sha256(calib), "seed": seed, "device": device.type, "ranks": size,
+        "save_dtype": str(save_dtype), "offcomp": versions()["offcomp"], "torch": torch.__version__}
+    store = PartialStore(out, material) if rank == 0 else None
+    spill = store.path / "hidden" if store is not None else Path(tempfile.mkdtemp(prefix=f"offcomp-rank{rank}-"))
     dtype = save_dtype or stored_dtype(bundle.source, trust_remote_code)
-    writer = ShardWriter(store.path / "shards", dtype) if source is not None else None
+    writer = ShardWriter(store.path / "shards", dtype) if source is not None and store is not None else None
+    prefix = discover_blocks(bundle.model)
     try:
         report, allocation, modular, run = compress_sequential(
             bundle.model, plan, source=source, windows=windows, stats=stats, device=device, loop=loop,  # type: ignore[arg-type]
-            seed=seed, placement=placement, spill=store.path / "hidden", progress=progress, log=notes.append,
-            resume=store, write_block=None if writer is None else
-            (lambda i, layer: writer.write(f"block-{i:05d}", layer, f"{discover_blocks(bundle.model)}.{i}")))
+            seed=seed, placement=placement, spill=spill, progress=progress, log=notes.append, resume=store,
+            write_block=None if writer is None else (lambda i, layer: writer.write(f"block-{i:05d}", layer,
+                                                                                 f"{prefix}.{i}")))
         if modular is not None and calib is not None:
             modular["data"] = {k: calib[k] for k in ("data", "split", "seq_len", "seed")}
-        manifest = _manifest(bundle, plan, plan_source, seed, report, calibration, allocation, None, modular, notes)
-        manifest["pipeline"] = run.to_dict()
-        if seen:
-            manifest["calibration_data"] = seen
-        manifest["resume"] = {"partial": str(store.path), "resumed_units": report.resumed_units,
-                              "fitted_units": len(report.units) - report.resumed_units,
-                              "resumed_modular_layers": store.resumed_layers}
-        if writer is not None:
-            save_sharded(bundle.model, bundle.tokenizer, out, manifest, writer, overwrite=overwrite)
-        else:
-            bundle.model.to("cpu")
-            save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite, dtype=dtype)
+        if store is not None:
+            manifest = _manifest(bundle, plan, plan_source, seed, report, calibration, allocation, None, modular,
+                                 notes)
+            manifest["pipeline"] = run.to_dict()
+            if seen:
+                manifest["calibration_data"] = seen
+            manifest["resume"] = {"partial": str(store.path), "resumed_units": report.resumed_units,
+                                  "fitted_units": len(report.units) - report.resumed_units,
+                                  "resumed_modular_layers": store.resumed_layers}
+            if writer is not None:
+                save_sharded(bundle.model, bundle.tokenizer, out, manifest, writer, overwrite=overwrite)
+            else:
+                bundle.model.to("cpu")
+                save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite, dtype=dtype)
     except OffcompError:
-        store.close(remove=True)
+        if store is not None:
+            store.close(remove=True)
         raise
     except BaseException:
-        store.close(remove=False)
+        if store is not None:
+            store.close(remove=False)
         raise
-    store.close(remove=True)
+    finally:
+        if store is None:
+            shutil.rmtree(spill, ignore_errors=True)
+    if store is not None:
+        store.close(remove=True)
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks return the checkpoint rank 0 wrote
     return {"out": str(out), **read_manifest(out)}
 
 

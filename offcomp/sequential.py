@@ -211,6 +211,7 @@ def collect_block_stats(layer: nn.Module, call: BlockCall, stream: HiddenStates,
     finally:
         for h in handles:
             h.remove()
+    n_tokens = _sum_over_ranks(acc, n_tokens)
     for d in acc.values():
         if "xtx" in d:
             finish_gram(d, n_tokens)
@@ -224,6 +225,47 @@ def collect_block_stats(layer: nn.Module, call: BlockCall, stream: HiddenStates,
         raise OffcompError(f"{missing[0]} was never called on the block's forward pass; its statistics cannot be "
                            "collected block by block (use --pipeline global)")
     return {n: acc[leader_of[n]] for n in needs}
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of a torchrun data-parallel run, (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) and
+    return this rank's device (cuda:LOCAL_RANK for --device cuda). Each rank calibrates on its share
+    of the windows; the statistics are summed across ranks before every fit, so every rank fits
+    the same units from the same numbers."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _sum_over_ranks(acc: dict[str, dict[str, torch.Tensor]], n_tokens: int) -> int:
+    """Data-parallel calibration: every rank's sums become the sums over all ranks' windows."""
+    rank, size = world()
+    if size == 1:
+        return n_tokens
+    import torch.distributed as dist
+
+    dev = next((t.device for d in acc.values() for t in d.values()), torch.device("cpu"))
+    for lead in sorted(acc):  # the same modules on every rank (same model): the same order
+        for key in sorted(acc[lead]):
+            dist.all_reduce(acc[lead][key])
+    total = torch.tensor([float(n_tokens)], dtype=torch.float64, device=dev)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 # ---------------------------------------------------------------- the engine
@@ -240,12 +282,14 @@ class SequentialRun:
     n_tokens: int = 0
     layers: int = 0
     peak_cuda_bytes: int | None = None
+    ranks: int = 1  # data-parallel processes that shared the calibration windows (torchrun)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pipeline": "sequential", "loop": self.loop, "hidden_states": self.placement,
                 "hidden_state_bytes": self.hidden_bytes, "windows": self.windows, "n_tokens": self.n_tokens,
-                "layers": self.layers, "peak_cuda_bytes": self.peak_cuda_bytes, "seconds": self.seconds}
+                "layers": self.layers, "peak_cuda_bytes": self.peak_cuda_bytes, "ranks": self.ranks,
+                "seconds": self.seconds}
 
 
 class Blocks:
@@ -269,15 +313,20 @@ class Blocks:
         inside = {id(m) for layer in self.layers for m in layer.modules()}
         return [(n, m) for n, m in self.model.named_modules() if id(m) not in inside]
 
-    def load_rest(self) -> None:
-        """Everything outside the block list (embeddings, final norm, head) onto the device."""
+    def load_rest(self, head: bool = False) -> None:
+        """Everything outside the block list onto the device: the embeddings and norms at the
+        start; the LM head (`head=True`) only at the end, for writing: no block needs it, and an
+        untied head is as large as the embedding."""
         from .lazy import materialise, tie_after_load
 
-        head = _tied_head(self.model)
+        tied, out = _tied_head(self.model), self.model.get_output_embeddings() \
+            if hasattr(self.model, "get_output_embeddings") else None
         for name, mod in self.outside():
+            if mod is out and not head:
+                continue
             if self.source is not None:
                 materialise(self.model, mod, name, self.source, self.device, recurse=False,
-                            skip=frozenset({"weight"}) if mod is head else frozenset())
+                            skip=frozenset({"weight"}) if mod is tied else frozenset())
             mod._apply(lambda t: t if t.device.type == "meta" else t.to(self.device), recurse=False)
         if self.source is not None:
             tie_after_load(self.model)
@@ -378,9 +427,17 @@ def compress_sequential(
 
     stream: HiddenStates | None = None
     call: BlockCall | None = None
+    rank, size = world()
     if windows is not None:
         run.windows = list(windows.shape)
         run.n_tokens = int(windows.numel())
+        if size > 1:  # data-parallel calibration: each rank its share of the windows
+            if len(windows) < size:
+                raise OffcompError(f"{len(windows)} calibration windows for {size} processes; give at least one each")
+            if plan.modular is not None:
+                raise OffcompError("modular training runs in one process; run it without torchrun")
+            run.ranks = size
+            windows = windows[rank::size]
         holder: list[HiddenStates] = []
 
         def sink(w: int, x: torch.Tensor) -> None:
@@ -450,6 +507,7 @@ def compress_sequential(
         progress("blocks", i + 1, len(blocks.layers))
     if stream is not None:
         stream.close()
+    blocks.load_rest(head=True)  # for the output checkpoint's last shard
     modular = trainer.record() if trainer is not None else None
     if trainer is not None:
         trainer.close()

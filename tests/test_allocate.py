@@ -130,7 +130,7 @@ def test_cli_allocate_with_on_the_fly_capture(tmp_path, bert_tokenizer, monkeypa
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["compress", "-m", str(d), "--method", "svd-llm", "--allocate", "0.5",
                                  "--calib-data", "embedded", "--calib-samples", "2", "--calib-seq-len", "32",
-                                 "--out", str(out), "--json"])
+                                 "--out", str(out), "--json", "--pipeline", "global"])  # the capture is tested
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "offcomp.json").read_text())
     assert manifest["plan"]["allocate"]["ratio"] == 0.5

@@ -171,19 +171,27 @@ def test_a_refused_plan_leaves_no_new_parent_directories(tmp_path, llama_dir):
     assert not (tmp_path / "new").exists()
 
 
+def _weights(out: Path) -> list[str]:
+    return [file_sha256(f) for f in sorted(out.glob("*.safetensors"))]
+
+
+@pytest.mark.parametrize("pipeline,units", [("global", 21), ("sequential", 14)])
 @pytest.mark.parametrize("mode", ["sequential", "blocks"])
-def test_interrupted_modular_training_resumes_bit_identically(tmp_path, llama_dir, mode):
+def test_interrupted_modular_training_resumes_bit_identically(tmp_path, llama_dir, mode, pipeline, units):
+    """Global: every unit is fitted before training starts; sequential: a block is trained right
+    after its units are fitted, so a stop in layer 1's training has fitted layers 0 and 1 only."""
     plan = quick_plan("llama", "svd", ratio=0.5, modular={"epochs": 2, "mode": mode, "mixup": 0.5})
     calib = {"data": "embedded", "split": "validation", "samples": 4, "seq_len": 32, "seed": 0}
-    ref = compress_model(str(llama_dir), plan, tmp_path / "ref", calib=calib)
+    ref = compress_model(str(llama_dir), plan, tmp_path / "ref", calib=calib, pipeline=pipeline)
     out = tmp_path / "out"
     with pytest.raises(Interrupt):  # while training layer 1 (blocks: its first block)
-        compress_model(str(llama_dir), plan, out, calib=calib, progress=_stop_at("modular layers.1", 2))
-    res = compress_model(str(llama_dir), plan, out, calib=calib)
-    assert res["resume"]["resumed_units"] == 21 and res["resume"]["resumed_modular_layers"] == 1
+        compress_model(str(llama_dir), plan, out, calib=calib, progress=_stop_at("modular layers.1", 2),
+                       pipeline=pipeline)
+    res = compress_model(str(llama_dir), plan, out, calib=calib, pipeline=pipeline)
+    assert res["resume"]["resumed_units"] == units and res["resume"]["resumed_modular_layers"] == 1
     assert res["modular"]["resumed_layers"] == 1
     assert [b["nmse_after"] for b in res["modular"]["blocks"]] == [b["nmse_after"] for b in ref["modular"]["blocks"]]
-    assert file_sha256(out / "model.safetensors") == file_sha256(tmp_path / "ref" / "model.safetensors")
+    assert _weights(out) == _weights(tmp_path / "ref") and _weights(out)
 
 
 def test_two_runs_on_one_output_are_refused(tmp_path):

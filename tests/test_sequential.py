@@ -269,3 +269,34 @@ def test_cli_options_and_one_line_errors(base, calib_text, tmp_path):
         bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "y"), *extra])
         assert bad.exit_code == 2 and msg in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
         assert not (tmp_path / "y").exists()
+
+
+def _rank_main(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = tiny_llama(vocab_size=VOCAB, layers=2)
+        windows = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(3))
+        seq.compress_sequential(model, quick_plan(model, "svd-llm", ratio=0.6), windows=windows)
+        if rank == 0:
+            torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_calibration_sums_every_ranks_windows(tmp_path):
+    """torchrun route: 2 processes (gloo, CPU), 2 windows each, give the one-process factors."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rank_main, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=True)
+    model = tiny_llama(vocab_size=VOCAB, layers=2)
+    windows = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(3))
+    # one process, the windows in the order the two ranks took them (rank r: r, r + 2)
+    seq.compress_sequential(model, quick_plan(model, "svd-llm", ratio=0.6), windows=windows[[0, 2, 1, 3]])
+    two = torch.load(out, weights_only=True)
+    one = model.state_dict()
+    assert two.keys() == one.keys()
+    assert all(torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-5) for k in one)

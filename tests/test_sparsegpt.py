@@ -179,7 +179,7 @@ def test_compress_with_calibration_then_save_and_load(tmp_path, bert_tokenizer, 
         out = tmp_path / tag
         r = CliRunner().invoke(app, ["compress", "-m", str(d), "--method", "sparsegpt", "--ratio", "0.5",
                                      "--calib-data", str(text), "--calib-samples", "4", "--calib-seq-len", "32",
-                                     *extra, "--out", str(out), "--json"])
+                                     *extra, "--out", str(out), "--json", "--pipeline", "global"])
         assert r.exit_code == 0, r.output
         man = json.loads((out / "offcomp.json").read_text())
         rep = man["report"]
