@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .api import with_slice_stats
+from .api import plan_members, with_slice_stats
 from .errors import OffcompError
-from .plan import Budget, Group, Plan, expand_plan
+from .plan import Budget, Group, Plan
 from .progress import ProgressFn, no_progress
 from .registry import FitUnit, get_method
 from .swap import discover, module_view
@@ -113,14 +113,7 @@ def unit_energy(weights: list[torch.Tensor], names: list[str], criterion: str,
 
 def free_units(model: nn.Module, plan: Plan) -> list[tuple[str, list[str]]]:
     """(label, module names) of every unit whose rank `allocate_plan` chooses, in its order."""
-    if plan.allocate is None:
-        return []
-    structure = discover(model)
-    out = []
-    for g in expand_plan(plan, list(structure.modules), structure.roles()):
-        if g.group.rank is None and g.group.ratio is None and g.group.cr is None:
-            out += [(g.label, list(g.names))] if g.group.joint else [(g.label, [n]) for n in g.names]
-    return out
+    return [(m.label, m.names) for m in plan_members(model, plan) if m.free] if plan.allocate is not None else []
 
 
 def allocate_plan(
@@ -140,30 +133,23 @@ def allocate_plan(
     if alloc is None:
         return AllocationResult(plan, {})
     progress = progress or no_progress
+    members = plan_members(model, plan)
     structure = discover(model)
-    groups = expand_plan(plan, list(structure.modules), structure.roles())
     stats = with_slice_stats(stats, structure)
     total_original = fixed_stored = 0
     units: list[_Unit] = []
-    free = {g.index for g in groups if g.group.rank is None and g.group.ratio is None and g.group.cr is None}
-    if not free:
+    if not any(m.free for m in members):
         raise OffcompError("plan has `allocate` but every group has its own budget; remove one or the other")
-    members = []
-    for g in groups:
-        method = get_method(g.group.method)
-        cfg = method.parse_config(g.group.options, g.label)
-        parts = [(g.names, g.shapes, g.kinds)] if g.group.joint else [
-            ([n], [s], [k]) for n, s, k in zip(g.names, g.shapes, g.kinds)]
-        members += [(g, method, cfg, *p) for p in parts]
-    n_free = sum(g.index in free for g, *_ in members)
-    for g, method, cfg, names, shapes, kinds in members:
+    n_free = sum(m.free for m in members)
+    for m in members:
+        g, method, cfg, names, shapes = m.group, m.method, m.cfg, m.names, m.shapes
         original = sum(a * b for a, b in shapes)
         total_original += original
-        if g.index not in free:
-            unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, g.group.budget())
+        if not m.free:
+            unit = m.unit(g.group.budget())
             fixed_stored += method.stored_params(unit, cfg, method.solve(unit, cfg))
             continue
-        unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, Budget("rank", 1))
+        unit = m.unit(Budget("rank", 1))
         per_rank = rank_cost(method, unit, cfg)
         max_rank = (original - 1) // per_rank  # beyond this the factors store more than W
         if max_rank < alloc.min_rank:

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .errors import OffcompError
 from .layers import take_rows
-from .plan import Plan, expand_plan
+from .plan import Budget, ExpandedGroup, Plan, expand_plan
 from .progress import ProgressFn, no_progress, with_info
 from .registry import FitContext, FitUnit, Method, get_method
 from .swap import SLICE, discover, fused, install, module_view
@@ -81,14 +81,35 @@ def count_params(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def plan_units(
-    model: nn.Module, plan: Plan, stats: dict[str, dict[str, torch.Tensor]] | None = None,
-    stats_later: bool = False,
-) -> list[PlannedUnit]:
-    """Expand and validate a plan against a model; returns what would be fitted, touching nothing.
+@dataclass(frozen=True)
+class Member:
+    """One fitting unit of a plan before its budget is solved: a whole joint group, or one module of
+    a separate group, with the group's method and options."""
 
-    The one place a plan becomes fitting units. `stats_later`: the caller (the sequential engine)
-    collects each unit's statistics itself, so their absence now is not an error."""
+    group: ExpandedGroup
+    method: Method
+    cfg: Any
+    names: list[str]
+    shapes: list[tuple[int, int]]
+    kinds: list[str]
+
+    @property
+    def label(self) -> str:
+        return self.group.label
+
+    @property
+    def free(self) -> bool:
+        """No budget of its own: `allocate` chooses it."""
+        g = self.group.group
+        return g.rank is None and g.ratio is None and g.cr is None
+
+    def unit(self, budget: Budget, head_dim: int | None = None) -> FitUnit:
+        return FitUnit(self.label, self.names, self.shapes, self.kinds, self.group.group.joint, budget, head_dim)
+
+
+def plan_members(model: nn.Module, plan: Plan) -> list[Member]:
+    """The one place a plan is matched against a model: every fitting unit's group, method, options
+    and modules, in plan order. Budgets, statistics and the methods' checks come after (plan_units)."""
     structure = discover(model)
     for i, g in enumerate(plan.groups):
         for entry in [e for e in g.modules if e in structure.unsliced]:
@@ -99,49 +120,71 @@ def plan_units(
     if both:
         raise OffcompError(f"{both[0]} is a row slice of {both[0].partition(SLICE)[0]}, which the plan also "
                            "compresses whole; choose the fused module or its slices")
-    stats = with_slice_stats(stats, structure)
-    planned: list[PlannedUnit] = []
-    head_dim = _head_dim(model)
+    out = []
     for g in groups:
         method = get_method(g.group.method)
         cfg = method.parse_config(g.group.options, g.label)
-        refused = [n for n in g.names if n in structure.refused]
-        if refused:
-            raise OffcompError(f"group {g.label!r}: {refused[0]} cannot be compressed: "
-                               f"{structure.refused[refused[0]]}; exclude it")
-        fused_paths = fused(structure)
-        # (a row slice too: its narrower output would no longer fit the widths the model splits the fused output by)
-        hidden = [n for n in g.names if getattr(method, "needs_channels", False)
-                  and (m := structure.layer_regex().match(n)) and m.group(2).partition(SLICE)[0] in fused_paths]
-        if hidden:
-            rx = structure.layer_regex().match(hidden[0])
-            parts = "/".join(fused_paths[rx.group(2).partition(SLICE)[0]][0])  # type: ignore[union-attr]
-            what = "a row slice of a fused projection" if SLICE in hidden[0] else "a fused projection"
-            raise OffcompError(f"group {g.label!r}: {hidden[0]} is {what} ({parts} in one matrix); "
-                               f"method {method.name!r} removes heads/neurons of separate projections, which "
-                               f"{structure.model_type} does not expose; use a low-rank method or unstructured prune")
-        bad = [n for n, k in zip(g.names, g.kinds) if k not in method.kinds]
-        if bad:
-            raise OffcompError(f"group {g.label!r}: method {method.name!r} cannot compress {bad[0]} ({bad[0]!r} kind)")
-        if g.group.joint:
-            _check_joint_shapes(g.label, method, g.names, g.shapes)
-            members = [(g.names, g.shapes, g.kinds)]
-        else:
-            members = [([n], [s], [k]) for n, s, k in zip(g.names, g.shapes, g.kinds)]
-        for names, shapes, kinds in members:
-            unit = FitUnit(g.label, names, shapes, kinds, g.group.joint, g.group.budget(), head_dim)
-            need = method.stats_needed(cfg)
-            missing = [n for n in names if not stats or not set(need) <= set(stats.get(n, {}))]
-            if need and missing and not stats_later:
-                raise OffcompError(
-                    f"group {g.label!r}: method {method.name!r} with these options needs calibration statistics "
-                    f"({', '.join(need)}) for {missing[0]}; run `offcomp capture` and pass --stats DIR "
-                    "(or --calib-data)"
-                )
-            hyper = method.solve(unit, cfg)
-            planned.append(PlannedUnit(unit, method, cfg, hyper, method.stored_params(unit, cfg, hyper)))
+        parts = [(g.names, g.shapes, g.kinds)] if g.group.joint else [
+            ([n], [s], [k]) for n, s, k in zip(g.names, g.shapes, g.kinds)]
+        out += [Member(g, method, cfg, list(n), list(sh), list(k)) for n, sh, k in parts]
+    return out
+
+
+def plan_units(
+    model: nn.Module, plan: Plan, stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    stats_later: bool = False,
+) -> list[PlannedUnit]:
+    """Validate a plan against a model and solve its budgets; returns what would be fitted,
+    touching nothing. `stats_later`: the caller (the sequential engine) collects each unit's
+    statistics itself, so their absence now is not an error."""
+    structure = discover(model)
+    members = plan_members(model, plan)
+    stats = with_slice_stats(stats, structure)
+    planned: list[PlannedUnit] = []
+    head_dim = _head_dim(model)
+    checked: set[int] = set()
+    for mem in members:
+        g, method, cfg = mem.group, mem.method, mem.cfg
+        if g.index not in checked:
+            checked.add(g.index)
+            _check_group(g, method, structure)
+        unit = mem.unit(g.group.budget(), head_dim)
+        need = method.stats_needed(cfg)
+        missing = [n for n in mem.names if not stats or not set(need) <= set(stats.get(n, {}))]
+        if need and missing and not stats_later:
+            raise OffcompError(
+                f"group {g.label!r}: method {method.name!r} with these options needs calibration statistics "
+                f"({', '.join(need)}) for {missing[0]}; run `offcomp capture` and pass --stats DIR "
+                "(or --calib-data)"
+            )
+        hyper = method.solve(unit, cfg)
+        planned.append(PlannedUnit(unit, method, cfg, hyper, method.stored_params(unit, cfg, hyper)))
     check_savings(model, planned)
     return planned
+
+
+def _check_group(g: ExpandedGroup, method: Method, structure: Any) -> None:
+    """What a group's method cannot do on its modules, one line each."""
+    refused = [n for n in g.names if n in structure.refused]
+    if refused:
+        raise OffcompError(f"group {g.label!r}: {refused[0]} cannot be compressed: "
+                           f"{structure.refused[refused[0]]}; exclude it")
+    fused_paths = fused(structure)
+    # (a row slice too: its narrower output would no longer fit the widths the model splits the fused output by)
+    hidden = [n for n in g.names if getattr(method, "needs_channels", False)
+              and (m := structure.layer_regex().match(n)) and m.group(2).partition(SLICE)[0] in fused_paths]
+    if hidden:
+        rx = structure.layer_regex().match(hidden[0])
+        parts = "/".join(fused_paths[rx.group(2).partition(SLICE)[0]][0])  # type: ignore[union-attr]
+        what = "a row slice of a fused projection" if SLICE in hidden[0] else "a fused projection"
+        raise OffcompError(f"group {g.label!r}: {hidden[0]} is {what} ({parts} in one matrix); "
+                           f"method {method.name!r} removes heads/neurons of separate projections, which "
+                           f"{structure.model_type} does not expose; use a low-rank method or unstructured prune")
+    bad = [n for n, k in zip(g.names, g.kinds) if k not in method.kinds]
+    if bad:
+        raise OffcompError(f"group {g.label!r}: method {method.name!r} cannot compress {bad[0]} ({bad[0]!r} kind)")
+    if g.group.joint:
+        _check_joint_shapes(g.label, method, g.names, g.shapes)
 
 
 @dataclass(frozen=True)

@@ -435,13 +435,9 @@ def capture_for_plan(bundle: Any, plan: Any, data: str, split: str = "validation
     """Capture (or reuse) what a plan's methods and allocation need, on the loaded model: Gram
     statistics always (a forward pass), Fisher only when something asks for it (a backward pass)."""
     from .allocate import stat_keys
-    from .plan import expand_plan
-    from .swap import discover
+    from .api import plan_members
 
-    structure = discover(bundle.model)
-    table = list(structure.modules)
-    kinds = {m.name: m.kind for m in table}
-    names = [n for g in expand_plan(plan, table, structure.roles()) for n in g.names if kinds[n] == "linear"]
+    names = [n for m in plan_members(bundle.model, plan) for n, k in zip(m.names, m.kinds) if k == "linear"]
     names = list(dict.fromkeys(n.partition(":")[0] for n in names))  # a fused module's slices: the module
     default = select_inputs(bundle.model)
     spec = CaptureSpec.for_keys(stat_keys(plan) | {"xtx"}, samples=samples, seq_len=seq_len, seed=seed)

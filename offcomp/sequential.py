@@ -359,24 +359,21 @@ def sequential_blocker(model: nn.Module, plan: Any, *, stats_given: bool) -> str
     """Why `plan` cannot run block by block on `model`, or None. Every unit must lie inside one
     block, and its statistics must come from a block's forward pass (or from captured statistics)."""
     from .allocate import CRITERION_STAT
-    from .plan import expand_plan
-    from .registry import get_method
+    from .api import plan_members
     from .swap import discover
 
-    structure = discover(model)
-    rx = structure.layer_regex()
-    for g in expand_plan(plan, list(structure.modules), structure.roles()):
-        method = get_method(g.group.method)
-        layers = {m.group(1) if (m := rx.match(n.partition(":")[0])) else None for n in g.names}
+    rx = discover(model).layer_regex()
+    for m in plan_members(model, plan):
+        layers = {x.group(1) if (x := rx.match(n.partition(":")[0])) else None for n in m.names}
         if None in layers:
-            outside = next(n for n in g.names if not rx.match(n.partition(":")[0]))
-            return f"group {g.label!r} compresses {outside}, outside the block list"
-        if g.group.joint and len(layers) > 1:
-            return f"group {g.label!r} is joint across {len(layers)} layers"
-        extra = set(method.stats_needed(method.parse_config(g.group.options, g.label))) - set(BLOCK_STATS)
+            outside = next(n for n in m.names if not rx.match(n.partition(":")[0]))
+            return f"group {m.label!r} compresses {outside}, outside the block list"
+        if len(layers) > 1:
+            return f"group {m.label!r} is joint across {len(layers)} layers"
+        extra = set(m.method.stats_needed(m.cfg)) - set(BLOCK_STATS)
         if extra and not stats_given:
-            return (f"group {g.label!r} ({method.name}) needs {', '.join(sorted(extra))}, which only a whole-model "
-                    "backward pass gives (run `offcomp capture` and pass --stats)")
+            return (f"group {m.label!r} ({m.method.name}) needs {', '.join(sorted(extra))}, which only a "
+                    "whole-model backward pass gives (run `offcomp capture` and pass --stats)")
     if plan.allocate is not None and CRITERION_STAT[plan.allocate.criterion] == "fisher_row" and not stats_given:
         return "allocation by Fisher needs a whole-model backward pass (run `offcomp capture` and pass --stats)"
     return None
