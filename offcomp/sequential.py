@@ -113,6 +113,17 @@ def _available_ram() -> int:
         return 1 << 62
 
 
+def choose_placement(nbytes: int, device_type: str, device_free: int | None, ram_free: int) -> str:
+    """Where `nbytes` of hidden states go: on a GPU when they take under a quarter of its free
+    memory (the block, its statistics and the fit need the rest), else in CPU memory when under a
+    third of the free RAM, else on disk (a memory-mapped file)."""
+    if device_type == "cuda" and device_free is not None and nbytes < device_free // 4:
+        return "device"
+    if nbytes < ram_free // 3:
+        return "device" if device_type == "cpu" else "cpu"
+    return "disk"
+
+
 class HiddenStates:
     """N windows of hidden states (1 × L × d each) kept where they fit: on the compute device,
     else in CPU memory, else in a memory-mapped file under `spill` (`placement` forces one)."""
@@ -123,15 +134,8 @@ class HiddenStates:
         self.device = device
         nbytes = n * seq_len * width * torch.empty((), dtype=dtype).element_size()
         if placement == "auto":
-            if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                placement = "device" if nbytes < free // 4 else "cpu"
-            else:
-                placement = "device"
-            if placement != "device" and nbytes > _available_ram() // 3:
-                placement = "disk"
-            if placement == "device" and device.type == "cpu" and nbytes > _available_ram() // 3:
-                placement = "disk"
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+            placement = choose_placement(nbytes, device.type, free, _available_ram())
         if placement not in ("device", "cpu", "disk"):
             raise OffcompError(f"unknown hidden-state placement {placement!r}; use auto, device, cpu or disk")
         self.placement, self.nbytes, self.file = placement, nbytes, None

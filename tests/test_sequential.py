@@ -300,3 +300,14 @@ def test_data_parallel_calibration_sums_every_ranks_windows(tmp_path):
     one = model.state_dict()
     assert two.keys() == one.keys()
     assert all(torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-5) for k in one)
+
+
+@pytest.mark.parametrize("nbytes,device,gpu_free,ram_free,where", [
+    (1 << 30, "cuda", 80 << 30, 16 << 30, "device"),   # fits the GPU with room for the block
+    (30 << 30, "cuda", 80 << 30, 256 << 30, "cpu"),    # too much for the GPU, fine for the host
+    (30 << 30, "cuda", 80 << 30, 64 << 30, "disk"),    # for neither
+    (1 << 30, "cpu", None, 16 << 30, "device"),        # on a CPU run the device is the host memory
+    (8 << 30, "cpu", None, 16 << 30, "disk"),
+])
+def test_hidden_state_placement_rule(nbytes, device, gpu_free, ram_free, where):
+    assert seq.choose_placement(nbytes, device, gpu_free, ram_free) == where
