@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/sequential.py smollm2 --out runs/bench/sequential
     .venv/bin/python bench/sequential.py random --out runs/bench/sequential-random
+    .venv/bin/python bench/sequential.py gpu --out runs/bench/sequential-gpu     (a CUDA machine: bench/gpu_check.sh)
 
 `smollm2`: svd-llm at ratio 0.8 on every decoder linear of smollm2-135m, calibrated on 64 x 1024
 tokens of wiki.valid.raw, three ways: the global pipeline (whole model + `offcomp capture`), the
@@ -166,9 +167,33 @@ def random_models(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def gpu(args: argparse.Namespace) -> None:
+    """The sequential pipeline on one CUDA GPU: smollm2-135m (svd-llm 0.8, 64 x 1024 tokens) and the
+    1.1B random LLaMA (Wanda 50 %): wall time, peak RSS and peak GPU memory (the manifest's)."""
+    from offcomp.models import smollm2_dir
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    big = make_random("llama-1.1b", out / "models", smollm2_dir())
+    wiki = ["--calib-data", str(WIKI / "wiki.valid.raw")]
+    jobs = {"smollm2-135m": ["-m", "smollm2-135m", "--method", "svd-llm", "--ratio", "0.8", *wiki,
+                             "--calib-samples", "64", "--calib-seq-len", "1024"],
+            "llama-1.1b": ["-m", str(big), *METHOD, *wiki, "--calib-samples", "64", "--calib-seq-len", "1024"]}
+    summary = {}
+    for name, job in jobs.items():
+        res = offcomp(["compress", *job, "--pipeline", "sequential", "--device", "cuda", "--out", str(out / name),
+                       "--overwrite"], fresh_env(Path(os.environ.get("OFFCOMP_CACHE", Path.home() / ".cache/offcomp"))),
+                      out / f"{name}.log")
+        manifest = json.loads((out / name / "offcomp.json").read_text()) if res["rc"] == 0 else {}
+        res["peak_cuda_bytes"] = (manifest.get("pipeline") or {}).get("peak_cuda_bytes")
+        summary[name] = res
+        print(name, res, flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["smollm2", "random"])
+    ap.add_argument("what", choices=["smollm2", "random", "gpu"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
@@ -176,7 +201,9 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(RANDOM))
     ap.add_argument("--force", action="store_true", help="re-measure rows already in summary.json")
     args = ap.parse_args()
-    if args.what == "smollm2":
+    if args.what == "gpu":
+        gpu(args)
+    elif args.what == "smollm2":
         args.samples, args.seq_len = args.samples or 64, args.seq_len or 1024
         smollm2(args)
     else:

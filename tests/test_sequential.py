@@ -311,3 +311,17 @@ def test_data_parallel_calibration_sums_every_ranks_windows(tmp_path):
 ])
 def test_hidden_state_placement_rule(nbytes, device, gpu_free, ram_free, where):
     assert seq.choose_placement(nbytes, device, gpu_free, ram_free) == where
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_blocks_on_the_gpu_give_the_cpu_model(base, calib_text, tmp_path):
+    plan = quick_plan("llama", "svd-llm", ratio=0.6)
+    compress_model(str(base), plan, tmp_path / "cpu", calib=_calib(calib_text), pipeline="sequential")
+    g = compress_model(str(base), plan, tmp_path / "gpu", calib=_calib(calib_text), pipeline="sequential",
+                       device="cuda")
+    assert g["pipeline"]["peak_cuda_bytes"] > 0 and g["pipeline"]["hidden_states"] == "device"
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        a = load_model(str(tmp_path / "cpu")).model(ids).logits
+        b = load_model(str(tmp_path / "gpu")).model(ids).logits
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
