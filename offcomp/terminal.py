@@ -157,20 +157,42 @@ _NUMBER = re.compile(r"^[+-]?[\d,]*\.?\d+(e[+-]?\d+)?[×%]?\*?$")
 
 def keep_numbers_whole(table: Table, width: int = 80) -> Table:
     """Columns holding only numbers get no_wrap and their full width, so rich wraps or folds the
-    text columns instead of splitting `134,515` / `,008` across lines."""
+    text columns instead of splitting `134,515` / `,008` across lines. The text columns share the
+    width that is left: each first gets its header's longest word (or 4), then the rest goes to the
+    columns whose text is longest; widths are fixed here because rich's own collapsing can leave a
+    min_width column wider than its share and crop the table's right edge."""
     numeric = []
     for col in table.columns:
         cells = [str(c) for c in col._cells]  # noqa: SLF001  (rich keeps a column's cells here)
         if cells and all(_NUMBER.match(c.strip()) or c.strip() in ("-", "") for c in cells):
             numeric.append((col, max(len(c) for c in cells + str(col.header).split())))
+    text = [col for col in table.columns if all(col is not c for c, _ in numeric)]
     # only when the numbers and a few characters of every text column fit: else rich's own layout
-    need = sum(w for _, w in numeric) + 4 * (len(table.columns) - len(numeric)) + 3 * len(table.columns) + 1
-    if need <= width:
-        for col, w in numeric:
-            col.no_wrap, col.min_width = True, w
-        for col in table.columns:
-            if all(col is not c for c, _ in numeric):
-                col.overflow = "fold"
+    need = sum(w for _, w in numeric) + 4 * len(text) + 3 * len(table.columns) + 1
+    if need > width:
+        return table
+    for col, w in numeric:
+        # no_wrap holds the header too: a multi-word header wider than the numbers ("max rel.
+        # error") goes one word a line, else it alone takes the width the text columns need
+        col.no_wrap, col.min_width = True, w
+        if len(str(col.header)) > w:
+            col.header = "\n".join(str(col.header).split())
+    natural = [max(len(line) for c in [*col._cells, col.header] for line in str(c).splitlines() or [""])  # noqa: SLF001
+               for col in text]
+    words = [max((len(x) for x in str(col.header).split()), default=0) for col in text]
+    widths = [min(n, max(4, w)) for n, w in zip(natural, words)]
+    room = width - (sum(w for _, w in numeric) + 3 * len(table.columns) + 1)
+    if sum(widths) > room:  # header words do not all fit: 4 each, as before
+        widths = [min(n, 4) for n in natural]
+    left = room - sum(widths)
+    while left > 0:  # one character at a time to the column with the most text still folded
+        i = max(range(len(text)), key=lambda j: natural[j] - widths[j], default=None)
+        if i is None or natural[i] <= widths[i]:
+            break
+        widths[i] += 1
+        left -= 1
+    for col, w in zip(text, widths):
+        col.overflow, col.width = "fold", w
     return table
 
 

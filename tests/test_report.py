@@ -257,3 +257,10 @@ def test_command_tables_keep_numbers_whole():
     text = buf.getvalue()
     assert "106,168,320" in text and "84,934,656" in text and "0.7727" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+    # headers are not cut inside a word ("grou" / "p"): a numeric column's multi-word header breaks
+    # at its spaces and gives the text columns room for their own header words
+    header = [line for line in text.splitlines() if line.startswith("┃")]
+    words = {w for line in header for cell in line.strip("┃").split("┃") for w in cell.split()}
+    assert {"group", "method", "modules", "mode", "hyper", "original", "stored", "max", "rel.", "error"} <= words
+    # and the table is not cropped: every line keeps its right border
+    assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in text.splitlines() if line.strip())
