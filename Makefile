@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.offcomp-installed
 RUNS ?= runs
-DEMO_TOKENS ?= 16384
+DEMO_TOKENS ?= 8192
 
 .PHONY: setup test test-fast demo lint clean
 
@@ -34,7 +34,7 @@ test-fast: setup
 # download): at one budget (80 % of every decoder linear), dense vs plain SVD vs the data-aware
 # recipe calibrated on the corpus's validation half (disjoint from the test half it is scored on),
 # then the comparison table and its figure (runs/demo/figures/*.png).
-DEMO_CALIB ?= --calib-data embedded --calib-split validation --calib-samples 16 --calib-seq-len 512
+DEMO_CALIB ?= --calib-data embedded --calib-split validation --calib-samples 8 --calib-seq-len 512
 demo: setup
 	rm -f $(RUNS)/demo/dense/results.jsonl
 	$(BIN)/offcomp eval-ppl smollm2-135m --data embedded --max-tokens $(DEMO_TOKENS) --results $(RUNS)/demo/dense/results.jsonl
