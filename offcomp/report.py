@@ -341,6 +341,10 @@ def _describe(key: str, value: Any) -> str:
                  f"seed {c.get('seed')}"]
         if c.get("sha256"):
             parts.append(f"sha256 {str(c['sha256'])[:8]}")
+        mod = c.get("modular")
+        if isinstance(mod, dict):  # part of the key: without it two different protocols read the same
+            parts.append(f"+ modular training on {mod.get('data')}:{mod.get('split')} "
+                         f"{mod.get('samples') or 'all'}×{mod.get('seq_len')}")
         return " ".join(parts)
     if key in ("base", "data_sha256") and isinstance(value, str) and len(value) == 64:
         return value[:8]

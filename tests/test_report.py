@@ -264,3 +264,16 @@ def test_command_tables_keep_numbers_whole():
     assert {"group", "method", "modules", "mode", "hyper", "original", "stored", "max", "rel.", "error"} <= words
     # and the table is not cropped: every line keeps its right border
     assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in text.splitlines() if line.strip())
+
+
+def test_calibration_note_names_the_modular_training():
+    """Regression: runs with and without modular training on the same calibration text were split
+    into two tables whose note read 'calibration protocol differs (X vs X)' with X identical."""
+    from offcomp.report import _calib_key, _describe
+
+    cal = {"data": "wiki.valid.raw", "split": "file", "sha256": "6" * 64, "samples": 8, "seq_len": 1024, "seed": 0}
+    mod = {**cal, "modular": {"data": "wiki.valid.raw", "split": "validation", "seq_len": 1024, "seed": 0,
+                              "samples": None}}
+    plain, trained = _describe("calibration", _calib_key(cal)), _describe("calibration", _calib_key(mod))
+    assert plain != trained and trained.startswith(plain)
+    assert "modular training on wiki.valid.raw:validation all×1024" in trained
