@@ -135,10 +135,10 @@ def random_models(args: argparse.Namespace) -> None:
         else {}
     calib = ["--calib-data", str(WIKI / "wiki.valid.raw"), "--calib-samples", str(args.samples),
              "--calib-seq-len", str(args.seq_len)]
+    from transformers import AutoConfig
+
     for name in args.sizes.split(","):
         d = make_random(name, out / "models", smollm2_dir())
-        from transformers import AutoConfig
-
         shape = llama_shape(AutoConfig.from_pretrained(d))
         row = summary.setdefault(name, {"params": shape.params()})
         for pipeline in ("sequential", "global"):
@@ -162,9 +162,12 @@ def random_models(args: argparse.Namespace) -> None:
     lines = ["| model | parameters | pipeline | peak RSS measured (GB) | predicted (GB) | wall (s) | user CPU (s) |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for name, row in summary.items():
+        shape = llama_shape(AutoConfig.from_pretrained(out / "models" / name))
         for pipeline in ("sequential", "global"):
             r = row.get(pipeline)
-            if r and r.get("peak_rss_bytes"):
+            if r and r.get("peak_rss_bytes"):  # the prediction of the current memory model
+                r["predicted_bytes"] = predict(shape, pipeline, tokens=args.samples * args.seq_len,
+                                               seq_len=args.seq_len, gram=pipeline == "global")["total"]
                 lines.append(f"| {name} | {row['params'] / 1e9:.3f} B | {pipeline} | {r['peak_rss_bytes'] / 1e9:.2f} | "
                              f"{r['predicted_bytes'] / 1e9:.2f} | {r['wall_s']:.0f} | {r.get('user_s') or 0:.0f} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
