@@ -307,9 +307,9 @@ def compress(
     pipeline: Annotated[str, typer.Option(
         help="sequential: one block at a time, read lazily (memory independent of depth); global: whole model "
              "and whole-model statistics; auto: sequential when the plan needs calibration data")] = "auto",
-    calib_loop: Annotated[str, typer.Option(
-        help="sequential pipeline: statistics on the compressed prefix's outputs (closed) or the dense "
-             "model's (open)")] = "closed",
+    calib_loop: Annotated[str | None, typer.Option(
+        help="sequential pipeline: statistics on the compressed prefix's outputs (closed, default) or the dense "
+             "model's (open, as the global pipeline)")] = None,
     hidden_states: Annotated[str, typer.Option(
         help="sequential pipeline: keep calibration hidden states on the device, cpu or disk (auto: where "
              "they fit)")] = "auto",

@@ -117,7 +117,7 @@ def compress_model(
     verify: bool = True,
     warn: Callable[[str], None] | None = None,
     pipeline: str = "auto",
-    calib_loop: str = "closed",
+    calib_loop: str | None = None,
     hidden_states: str = "auto",
 ) -> dict[str, Any]:
     """Compress a named model by a plan and save the checkpoint; returns the manifest.
@@ -138,7 +138,7 @@ def compress_model(
 
     if pipeline not in ("auto", "sequential", "global"):
         raise OffcompError(f"unknown --pipeline {pipeline!r}; use auto, sequential or global")
-    if calib_loop not in ("closed", "open"):
+    if calib_loop not in (None, "closed", "open"):
         raise OffcompError(f"unknown --calib-loop {calib_loop!r}; use closed or open")
     if hidden_states not in ("auto", "device", "cpu", "disk"):
         raise OffcompError(f"unknown --hidden-states {hidden_states!r}; use auto, device, cpu or disk")
@@ -164,10 +164,10 @@ def compress_model(
         return compress_model_sequential(
             model, plan, out, device=dev, seed=seed, stats=stats, calib=calib, overwrite=overwrite,
             trust_remote_code=trust_remote_code, plan_source=plan_source, save_dtype=cast, progress=progress,
-            verify=verify, warn=warn, loop=calib_loop, placement=hidden_states, seen=seen)
-    if pipeline == "global" and calib_loop != "closed":
-        raise OffcompError("--calib-loop applies to the sequential pipeline; the global one captures on the dense "
-                           "model (that is --pipeline sequential --calib-loop open)")
+            verify=verify, warn=warn, loop=calib_loop or "closed", placement=hidden_states, seen=seen)
+    if pipeline == "global" and calib_loop == "closed":
+        raise OffcompError("--calib-loop closed needs the sequential pipeline: the global one captures its statistics "
+                           "on the dense model (open loop); use --pipeline sequential")
     bundle = load_model(model, trust_remote_code=trust_remote_code, verify=verify)
     limit = getattr(bundle.model.config, "max_position_embeddings", None)
     if calib is not None and limit and calib["seq_len"] > limit:

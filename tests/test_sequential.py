@@ -263,7 +263,7 @@ def test_cli_options_and_one_line_errors(base, calib_text, tmp_path):
     shards = sorted((tmp_path / "x").glob("model-*.safetensors"))
     assert len(shards) == 4 and all(load_file(str(s)) for s in shards)  # 3 blocks + the rest
     for extra, msg in ((["--pipeline", "fast"], "unknown --pipeline"), (["--calib-loop", "half"], "unknown --calib-loop"),
-                       (["--pipeline", "global", "--calib-loop", "open"], "--calib-loop applies"),
+                       (["--pipeline", "global", "--calib-loop", "closed"], "--calib-loop closed needs"),
                        (["--hidden-states", "gpu"], "unknown --hidden-states")):
         bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "y"), *extra])
         assert bad.exit_code == 2 and msg in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
