@@ -141,7 +141,7 @@ def random_models(args: argparse.Namespace) -> None:
         d = make_random(name, out / "models", smollm2_dir())
         shape = llama_shape(AutoConfig.from_pretrained(d))
         row = summary.setdefault(name, {"params": shape.params()})
-        for pipeline in ("sequential", "global"):
+        for pipeline in args.pipelines.split(","):
             if pipeline in row and not args.force:
                 continue
             cache = Path(tempfile.mkdtemp(prefix="offcomp-bench-cache-"))
@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--sizes", default=",".join(RANDOM))
     ap.add_argument("--force", action="store_true", help="re-measure rows already in summary.json")
+    ap.add_argument("--pipelines", default="sequential,global", help="random: which pipelines to measure")
     args = ap.parse_args()
     if args.what == "gpu":
         gpu(args)

@@ -233,6 +233,42 @@ class ShardWriter:
         self.dtype = dtype
         self.files: dict[str, Path] = {}  # stem → file, in model order
 
+    def write_rest(self, model: nn.Module, source: Any, blocks: str, shard_bytes: int = 500 << 20) -> None:
+        """What lies outside the block list (embeddings, norms, head), copied from the lazy
+        checkpoint `source` one tensor at a time in the output dtype (nothing there was compressed),
+        in shards of at most `shard_bytes`; a head tied to the embedding is stored once."""
+        from .lazy import _prefix
+
+        base = _prefix(model)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        tied = getattr(model.config, "tie_word_embeddings", False) and head is not None
+        skip = {n + ".weight" for n, m in model.named_modules() if tied and m is head}
+        batch: dict[str, torch.Tensor] = {}
+        size, k = 0, 0
+        for name in model.state_dict():
+            if name.startswith(blocks + ".") or name in skip:
+                continue
+            key = source.key_for(name, base)
+            if key is None:
+                continue  # a buffer the model computes itself
+            t = source.read([key], torch.device("cpu"), self.dtype or torch.float32)[key]
+            if batch and size + t.numel() * t.element_size() > shard_bytes:
+                self._save(f"rest-{k:03d}", batch)
+                batch, size, k = {}, 0, k + 1
+            batch[name] = t.contiguous()
+            size += t.numel() * t.element_size()
+        if batch:
+            self._save(f"rest-{k:03d}", batch)
+
+    def _save(self, stem: str, state: dict[str, torch.Tensor]) -> Path:
+        path = self.directory / f"{stem}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(state, str(tmp), metadata=WEIGHTS_MARK)
+        _sort_metadata(tmp)
+        os.replace(tmp, path)
+        self.files[stem] = path
+        return path
+
     def write(self, stem: str, module: nn.Module, prefix: str, exclude: str | None = None) -> Path:
         """Save `module` (named `prefix` in the model) as shard `stem`; `exclude`: a name prefix
         (the block list, when saving what is outside it)."""
@@ -256,25 +292,23 @@ class ShardWriter:
             if (exclude and full(name).startswith(exclude + ".")) or f"{full(name)}.weight" in state:
                 continue
             state[f"{full(name)}.weight"] = torch.zeros(0, dtype=dtype)
-        path = self.directory / f"{stem}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp), metadata=WEIGHTS_MARK)
-        _sort_metadata(tmp)
-        os.replace(tmp, path)
-        self.files[stem] = path
-        return path
+        return self._save(stem, state)
 
 
 def save_sharded(model: nn.Module, tokenizer: Any, out: str | Path, manifest: dict[str, Any], writer: ShardWriter,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, source: Any = None) -> Path:
     """Finish a checkpoint whose blocks `writer` has written: the rest of the model as the last
-    shard, `model.safetensors.index.json`, config.json with the quantization_config, tokenizer and
-    the sealed manifest, all swapped into place at once."""
+    shard(s) (from the lazy checkpoint `source` when given, else from memory),
+    `model.safetensors.index.json`, config.json with the quantization_config, tokenizer and the
+    sealed manifest, all swapped into place at once."""
     from .swap import discover
 
     out = prepare_out_dir(out, overwrite)
     blocks = discover(model).blocks
-    writer.write("rest", model, "", exclude=blocks)
+    if source is not None:
+        writer.write_rest(model, source, blocks)
+    else:
+        writer.write("rest", model, "", exclude=blocks)
     if writer.dtype is not None:
         model.to(dtype=writer.dtype)  # what is still in memory (meta blocks cost nothing)
     manifest = _manifest_header(model, manifest)

@@ -146,9 +146,9 @@ def materialise(model: nn.Module, module: nn.Module, prefix: str, source: LazyCh
     return len(done)
 
 
-def release(module: nn.Module) -> None:
+def release(module: nn.Module, recurse: bool = True) -> None:
     """Drop a processed module's tensors (parameters and persistent buffers back to meta)."""
-    for sub in module.modules():
+    for sub in module.modules() if recurse else [module]:
         for attr, t in list(sub._parameters.items()):
             if t is not None and t.device.type != "meta":
                 sub._parameters[attr] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)

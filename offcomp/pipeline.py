@@ -343,7 +343,7 @@ def compress_model_sequential(
                                   "fitted_units": len(report.units) - report.resumed_units,
                                   "resumed_modular_layers": store.resumed_layers}
             if writer is not None:
-                save_sharded(bundle.model, bundle.tokenizer, out, manifest, writer, overwrite=overwrite)
+                save_sharded(bundle.model, bundle.tokenizer, out, manifest, writer, overwrite=overwrite, source=source)
             else:
                 bundle.model.to("cpu")
                 save_compressed(bundle.model, bundle.tokenizer, out, manifest, overwrite=overwrite, dtype=dtype)

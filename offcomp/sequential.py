@@ -343,6 +343,17 @@ class Blocks:
             materialise(self.model, layer, self.name(i), self.source, self.device)
         return layer.to(self.device)
 
+    def release_rest(self) -> None:
+        """Drop the tensors outside the block list (read back from the checkpoint for writing): once
+        the windows are embedded, no block needs the embedding."""
+        if self.source is None:
+            return
+        from .lazy import release, tie_after_load
+
+        for _, mod in self.outside():
+            release(mod, recurse=False)
+        tie_after_load(self.model)
+
     def release(self, i: int) -> None:
         if self.source is not None:
             from .lazy import release
@@ -450,6 +461,7 @@ def compress_sequential(
         _, call = layer_inputs(model, blocks.layers[0], windows, dev, sink=sink)
         stream = holder[0]
         run.placement, run.hidden_bytes = stream.placement, stream.nbytes
+    blocks.release_rest()  # a lazy model's embedding and head are written from the checkpoint itself
 
     allocation = None
     if plan.allocate is not None:
@@ -508,7 +520,8 @@ def compress_sequential(
         progress("blocks", i + 1, len(blocks.layers))
     if stream is not None:
         stream.close()
-    blocks.load_rest(head=True)  # for the output checkpoint's last shard
+    if source is None:
+        blocks.load_rest(head=True)  # an in-memory model's head goes to the device with the rest
     modular = trainer.record() if trainer is not None else None
     if trainer is not None:
         trainer.close()
