@@ -3,12 +3,12 @@
 Fitting runs in fp32 with fp64 statistics whatever the stored dtype, so for a LLaMA-style decoder
 (hidden d, FFN width I, n layers, vocabulary V, calibration tokens T = N windows × L tokens):
 
-    sequential  R + E + B + F + S + H + A
+    sequential  R + H + A + max(E, B + F + S)
     global      R + n·B + E + E_head + n·S + F + A
 
     R       the Python process with torch and transformers imported, and the tokenizer
-    E       input embedding, V·d·4 (an untied LM head, the same again, is read only at the end,
-            when no block is in memory: it never adds to the peak of a deep model)
+    E       input embedding, V·d·4, in memory only while the windows are embedded; the embedding
+            and the head are written to the output from the checkpoint, one tensor at a time
     B       one block in fp32, (4d² (GQA: 2d² + 2d·d_kv) + 3d·I)·4, plus its fitted replacement
             (at most the same again) while it is written
     F       the largest fit's working set: the weight, its whitened copy and the SVD factors of the
@@ -79,8 +79,11 @@ def predict(shape: Shape, pipeline: str, *, tokens: int, seq_len: int, modular: 
     hidden = tokens * d * 4 * (3 if modular else 1)
     act = seq_len * (3 * inter + 6 * d) * 4 + shape.heads * seq_len * seq_len * 4
     if pipeline == "sequential":
-        terms = {"runtime": runtime, "embedding": embed, "block": 2 * block, "fit": fit, "statistics": stats,
-                 "hidden_states": hidden, "activations": act}
+        # the embedding is in memory only while the windows are embedded, before any block
+        per_block = 2 * block + fit + stats
+        terms = {"runtime": runtime, "hidden_states": hidden, "activations": act,
+                 **({"embedding": embed} if embed > per_block else {"block": 2 * block, "fit": fit,
+                                                                     "statistics": stats})}
     elif pipeline == "global":
         all_stats = n * (3 * d * d + inter * inter) * 8 + 2 * inter * inter * 8 if statistics else 0
         terms = {"runtime": runtime, "model": n * block + embed * (1 if shape.tied else 2), "fit": fit,
