@@ -233,10 +233,11 @@ class ShardWriter:
         self.dtype = dtype
         self.files: dict[str, Path] = {}  # stem → file, in model order
 
-    def write_rest(self, model: nn.Module, source: Any, blocks: str, shard_bytes: int = 500 << 20) -> None:
+    def write_rest(self, model: nn.Module, source: Any, blocks: str, shard_bytes: int = 64 << 20) -> None:
         """What lies outside the block list (embeddings, norms, head), copied from the lazy
         checkpoint `source` one tensor at a time in the output dtype (nothing there was compressed),
-        in shards of at most `shard_bytes`; a head tied to the embedding is stored once."""
+        in shards of at most `shard_bytes` (a larger tensor alone: serialising copies a shard once
+        more in memory); a head tied to the embedding is stored once."""
         from .lazy import _prefix
 
         base = _prefix(model)

@@ -420,8 +420,10 @@ def compress_sequential(
     (N × L token ids) is the calibration text; without it only data-free plans run. `stats`:
     captured statistics (e.g. Fisher) used instead of collecting; they are then whole-model."""
     from .api import finish_report, fit_unit, plan_units, start_report, with_slice_stats
+    from .capture_hooks import return_freed_memory
 
     t0 = time.perf_counter()
+    return_freed_memory()  # a block's large buffers go back to the OS when freed, not to heap fragments
     progress = with_info(progress or no_progress)
     log = log or (lambda msg: None)
     dev = torch.device(device)
