@@ -177,7 +177,7 @@ def collect_stats(
             p.requires_grad_(grads_before[id(p)])
             p.grad = None
     for d in res.inputs.values():
-        finish_gram(d, res.n_tokens)
+        finish_input(d, res.n_tokens)
     return res
 
 
@@ -244,19 +244,32 @@ def loss_backward(model: nn.Module, inputs: dict[str, torch.Tensor], chunk: int 
 
 def _gram_hook(res: Captured, key: str) -> Any:
     def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
-        d = res.inputs.get(key)
-        if d is None:
-            n = x.shape[1]
-            d = res.inputs[key] = {"xtx": torch.zeros(n, n, dtype=torch.float64, device=x.device),
-                                   "abs_sum": torch.zeros(n, dtype=torch.float64, device=x.device)}
-        d["abs_sum"].add_(x.abs().sum(0))
+        accumulate_input(res.inputs.setdefault(key, {}), args[0], GRAM)
+    return hook
+
+
+GRAM = frozenset({"xtx", "abs_mean"})  # what a whole-model capture takes of every input
+
+
+def accumulate_input(d: dict[str, torch.Tensor], x: torch.Tensor, want: set[str] | frozenset[str]) -> None:
+    """Add one batch of an input (…, n features) to the running sums behind the statistics `want`:
+    "xtx" (the upper triangle of XᵀX, which also gives Σx²), "act_sq" alone (Σx²), "abs_mean" (Σ|x|).
+    `finish_input` turns the sums into the statistics. Shared by the capture and the sequential engine."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    n = x.shape[1]
+    if "xtx" in want:
+        if "xtx" not in d:
+            d["xtx"] = torch.zeros(n, n, dtype=torch.float64, device=x.device)
         # One batch's products in float32 (as SVD-LLM computes them), accumulated across batches in
         # float64: float64 products cost twice the forward pass itself on a CPU. Only the upper
-        # triangle is summed (see `add_gram_upper`); `finish_gram` mirrors it once at the end.
+        # triangle is summed (see `add_gram_upper`); `finish_input` mirrors it once at the end.
         add_gram_upper(d["xtx"], x)
-    return hook
+    elif "act_sq" in want:
+        d["sq_sum"] = d.get("sq_sum", 0) + x.square().sum(0).double()
+    if "xtx" in want or "abs_mean" in want:
+        if "abs_sum" not in d:
+            d["abs_sum"] = torch.zeros(n, dtype=torch.float64, device=x.device)
+        d["abs_sum"].add_(x.abs().sum(0))
 
 
 def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4) -> None:
@@ -272,13 +285,17 @@ def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4) -> None:
             acc[lo:hi, lo:].add_(x[:, lo:hi].T @ x[:, lo:])
 
 
-def finish_gram(d: dict[str, torch.Tensor], n_tokens: int) -> None:
-    """Turn a summed input's running sums into the saved statistics: the full symmetric XᵀX, its
-    diagonal Σ_t x_tj² (Wanda's ‖x_j‖²) and mean |x| (ASVD)."""
-    upper = d["xtx"].triu()
-    d["xtx"] = upper + upper.triu(1).T
-    d["act_sq"] = d["xtx"].diagonal().clone()
-    d["abs_mean"] = d.pop("abs_sum") / max(n_tokens, 1)
+def finish_input(d: dict[str, torch.Tensor], n_tokens: int) -> None:
+    """Turn an input's running sums (`accumulate_input`) into the saved statistics: the full
+    symmetric XᵀX and its diagonal Σ_t x_tj² (Wanda's ‖x_j‖²), or Σx² alone, and mean |x| (ASVD)."""
+    if "xtx" in d:
+        upper = d["xtx"].triu()
+        d["xtx"] = upper + upper.triu(1).T
+        d["act_sq"] = d["xtx"].diagonal().clone()
+    elif "sq_sum" in d:
+        d["act_sq"] = d.pop("sq_sum")
+    if "abs_sum" in d:
+        d["abs_mean"] = d.pop("abs_sum") / max(n_tokens, 1)
 
 
 def _fisher_hook(res: Captured, name: str, rows: bool, full: bool, transposed: bool = False) -> Any:

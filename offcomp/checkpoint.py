@@ -238,9 +238,7 @@ class ShardWriter:
         checkpoint `source` one tensor at a time in the output dtype (nothing there was compressed),
         in shards of at most `shard_bytes` (a larger tensor alone: serialising copies a shard once
         more in memory); a head tied to the embedding is stored once."""
-        from .lazy import _prefix
-
-        base = _prefix(model)
+        base = prefixed(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         tied = getattr(model.config, "tie_word_embeddings", False) and head is not None
         skip = {n + ".weight" for n, m in model.named_modules() if tied and m is head}

@@ -22,6 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from .errors import OffcompError
+from .hf_integration import prefixed
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -92,11 +93,6 @@ def empty_model(config: Any, head_class: Any, trust_remote_code: bool = False) -
     return model.eval()
 
 
-def _prefix(model: nn.Module) -> str | None:
-    prefix = getattr(model, "base_model_prefix", "")
-    return prefix if prefix and hasattr(model, prefix) and getattr(model, prefix) is not model else None
-
-
 @torch.no_grad()
 def materialise(model: nn.Module, module: nn.Module, prefix: str, source: LazyCheckpoint,
                 device: torch.device, dtype: torch.dtype = torch.float32, *, recurse: bool = True,
@@ -123,7 +119,7 @@ def materialise(model: nn.Module, module: nn.Module, prefix: str, source: LazyCh
                 if t is not None and t.device.type == "meta":
                     holders.setdefault(id(t), []).append((sub, attr, is_param))
                     names.setdefault(id(t), []).append(f"{mname}.{attr}" if mname else attr)
-    keys, base = [], _prefix(model)
+    keys, base = [], prefixed(model)
     for t, full in todo:
         key = next((k for n in [full, *names.get(id(t), [])] if (k := source.key_for(n, base)) is not None), None)
         if key is None:
@@ -172,7 +168,9 @@ def lazy_sha256(model: nn.Module, source: LazyCheckpoint) -> str:
     holding the model. A tied tensor is read under the name it is stored by."""
     import hashlib
 
-    base = _prefix(model)
+    from .models import hash_tensor
+
+    base = prefixed(model)
     state = model.state_dict(keep_vars=True)
     names_of: dict[int, list[str]] = {}
     for k, t in state.items():
@@ -185,17 +183,14 @@ def lazy_sha256(model: nn.Module, source: LazyCheckpoint) -> str:
                 raise OffcompError(f"{source.directory} has no tensor for {k}; the checkpoint does not match its "
                                    "config")
             continue  # a buffer the model computes itself: not part of the weights (as in the global hash)
-        t = source.read([key], torch.device("cpu"), torch.float32)[key]
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        hash_tensor(h, k, source.read([key], torch.device("cpu"), torch.float32)[key])
     return h.hexdigest()
 
 
 def unexpected_keys(model: nn.Module, source: LazyCheckpoint) -> list[str]:
     """Stored tensors that belong to modules the architecture has but match none of its tensors (a
     checkpoint of another layout: transformers would leave the real tensors random)."""
-    base = _prefix(model)
+    base = prefixed(model)
     used = {source.key_for(k, base) for k in model.state_dict()}
     modules = dict(model.named_modules())
     out = []

@@ -80,12 +80,17 @@ def state_dict_sha256(model: nn.Module, skip: set[str] | frozenset[str] = frozen
     give the same hash whatever file format or sharding they came from."""
     h = hashlib.sha256()
     for k, t in sorted(model.state_dict().items()):
-        if k in skip:
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if k not in skip:
+            hash_tensor(h, k, t)
     return h.hexdigest()
+
+
+def hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
+    """Feed one named tensor (name, dtype, shape, bytes) to a hash: the unit of `state_dict_sha256`,
+    also used by `offcomp.lazy.lazy_sha256`, which must give the same hash from the files."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def smollm2_dir() -> Path:

@@ -164,7 +164,8 @@ def compress_model(
         return compress_model_sequential(
             model, plan, out, device=dev, seed=seed, stats=stats, calib=calib, overwrite=overwrite,
             trust_remote_code=trust_remote_code, plan_source=plan_source, save_dtype=cast, progress=progress,
-            verify=verify, warn=warn, loop=calib_loop or "closed", placement=hidden_states, seen=seen)
+            verify=verify, warn=warn, loop=calib_loop or "closed", placement=hidden_states, seen=seen,
+            text=text if calib is not None else None)
     if pipeline == "global" and calib_loop == "closed":
         raise OffcompError("--calib-loop closed needs the sequential pipeline: the global one captures its statistics "
                            "on the dense model (open loop); use --pipeline sequential")
@@ -258,16 +259,18 @@ def compress_model_sequential(
     model: str, plan: Plan, out: str | Path | None, *, device: torch.device, seed: int, stats: Any,
     calib: dict[str, Any] | None, overwrite: bool, trust_remote_code: bool, plan_source: str | None,
     save_dtype: torch.dtype | None, progress: ProgressFn | None, verify: bool, warn: Callable[[str], None] | None,
-    loop: str, placement: str, seen: list[dict[str, Any]],
+    loop: str, placement: str, seen: list[dict[str, Any]], text: Any = None,
 ) -> dict[str, Any]:
     """`compress_model` through offcomp.sequential: the base model's blocks are read from its
     safetensors one at a time (a hub id or another format is loaded whole), compressed on the
-    calibration windows' hidden states and written to their output shard at once."""
-    from .capture import CaptureSpec, calibration_batches, load_calibration_text, refuse_test_split
+    calibration windows' hidden states and written to their output shard at once. `text`: the
+    calibration text compress_model has already read and checked (given whenever `calib` is)."""
+    from .capture import CaptureSpec, calibration_batches
     from .checkpoint import ShardWriter, save_compressed, save_sharded
     from .data import causal_text
     from .lazy import load_lazy
     from .sequential import compress_sequential, init_distributed, world
+    from .swap import discover
 
     assert out is not None  # compress_model checked it
     try:
@@ -287,7 +290,6 @@ def compress_model_sequential(
         if limit and calib["seq_len"] > limit:
             raise OffcompError(f"--calib-seq-len {calib['seq_len']} exceeds the model's {limit} positions; "
                                f"use --calib-seq-len {min(limit, 512)} or less")
-        text = load_calibration_text(calib["data"], refuse_test_split(calib["data"], calib["split"]))
         kind = bundle.kind if bundle.kind in ("causal", "masked") else "encoder"
         spec = CaptureSpec(samples=calib["samples"], seq_len=calib["seq_len"], seed=calib["seed"])
         # the very windows (and BERT masking) `offcomp capture` draws: open loop equals the global pipeline
@@ -318,13 +320,14 @@ def compress_model_sequential(
     material = {
         "pipeline": "sequential", "loop": loop, "plan": plan.model_dump(), "base_sha256": bundle.sha256,
         "head": bundle.head, "stats_key": (getattr(stats, "meta", None) or {}).get("key") if stats else None,
-        "calib": calib, "calib_sha256": _text_sha256(calib), "seed": seed, "device": device.type, "ranks": size,
+        "calib": calib, "calib_sha256": text.sha256 if text is not None else None, "seed": seed,
+        "device": device.type, "ranks": size,
         "save_dtype": str(save_dtype), "offcomp": versions()["offcomp"], "torch": torch.__version__}
     store = PartialStore(out, material) if rank == 0 else None
     spill = store.path / "hidden" if store is not None else Path(tempfile.mkdtemp(prefix=f"offcomp-rank{rank}-"))
     dtype = save_dtype or stored_dtype(bundle.source, trust_remote_code)
     writer = ShardWriter(store.path / "shards", dtype) if source is not None and store is not None else None
-    prefix = discover_blocks(bundle.model)
+    prefix = discover(bundle.model).blocks
     try:
         report, allocation, modular, run = compress_sequential(
             bundle.model, plan, source=source, windows=windows, stats=stats, device=device, loop=loop,  # type: ignore[arg-type]
@@ -365,12 +368,6 @@ def compress_model_sequential(
 
         dist.barrier()  # the other ranks return the checkpoint rank 0 wrote
     return {"out": str(out), **read_manifest(out)}
-
-
-def discover_blocks(model: Any) -> str:
-    from .swap import discover
-
-    return discover(model).blocks
 
 
 def choose_pipeline(model: str, plan: Plan, pipeline: str, *, calib: dict[str, Any] | None, stats: Any,

@@ -158,6 +158,14 @@ class HiddenStates:
     def __setitem__(self, i: int, x: torch.Tensor) -> None:
         self.data[i].copy_(x.reshape(self.shape[1:]))
 
+    def copy(self, spill: Path | None = None) -> HiddenStates:
+        """Another stream with the same states, in the same kind of place."""
+        other = HiddenStates(len(self), self.shape[2], self.shape[3], self.device, spill=spill or (
+            self.file.parent if self.file else None), placement=self.placement, dtype=self.data.dtype)
+        for w in range(len(self)):
+            other[w] = self[w]
+        return other
+
     def close(self) -> None:
         self.data = torch.empty(0)
         if self.file is not None:
@@ -176,7 +184,7 @@ def collect_block_stats(layer: nn.Module, call: BlockCall, stream: HiddenStates,
     very same input tensor (q/k/v) share one accumulator, found by identity on each window as
     `offcomp.swap.shared_inputs` finds it on the whole model; they get the same tensor objects.
     `write_outputs`: the block's outputs replace its inputs in `stream` (the open loop's next states)."""
-    from .capture_hooks import add_gram_upper, finish_gram
+    from .capture_hooks import accumulate_input, finish_input
 
     rel = {name: name[len(prefix) + 1:] for name in needs}
     calls: list[tuple[str, torch.Tensor]] = []
@@ -184,6 +192,7 @@ def collect_block_stats(layer: nn.Module, call: BlockCall, stream: HiddenStates,
         lambda m, args, out, name=name: calls.append((name, args[0]))) for name, r in rel.items()]
     acc: dict[str, dict[str, torch.Tensor]] = {}
     leader_of: dict[str, str] = {}
+    wants: dict[str, set[str]] = {}  # leader → what its followers' methods read together
     n_tokens = 0
     try:
         for w in range(len(stream)):
@@ -199,17 +208,9 @@ def collect_block_stats(layer: nn.Module, call: BlockCall, stream: HiddenStates,
                     lead = name
                 leader_of.setdefault(name, lead)
             for x, lead in leaders:
-                want = set().union(*(needs[n] for n, ld in leader_of.items() if ld == lead))
-                x = x.detach().reshape(-1, x.shape[-1]).float()
-                d = acc.setdefault(lead, {})
-                if "xtx" in want or "act_sq" in want and "xtx" in d:
-                    if "xtx" not in d:
-                        d["xtx"] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-                    add_gram_upper(d["xtx"], x)
-                elif "act_sq" in want:
-                    d["sq_sum"] = d.get("sq_sum", 0) + x.square().sum(0).double()
-                if "abs_mean" in want or "xtx" in want:
-                    d["abs_sum"] = d.get("abs_sum", 0) + x.abs().sum(0).double()
+                if lead not in wants:
+                    wants[lead] = set().union(*(needs[n] for n, ld in leader_of.items() if ld == lead))
+                accumulate_input(acc.setdefault(lead, {}), x, wants[lead])
             n_tokens += stream.shape[2]
             calls.clear()
     finally:
@@ -217,13 +218,7 @@ def collect_block_stats(layer: nn.Module, call: BlockCall, stream: HiddenStates,
             h.remove()
     n_tokens = _sum_over_ranks(acc, n_tokens)
     for d in acc.values():
-        if "xtx" in d:
-            finish_gram(d, n_tokens)
-        else:
-            if "sq_sum" in d:
-                d["act_sq"] = d.pop("sq_sum")
-            if "abs_sum" in d:
-                d["abs_mean"] = d.pop("abs_sum") / max(n_tokens, 1)
+        finish_input(d, n_tokens)
     missing = [n for n in needs if n not in leader_of]
     if missing:
         raise OffcompError(f"{missing[0]} was never called on the block's forward pass; its statistics cannot be "
@@ -370,6 +365,11 @@ def _tied_head(model: nn.Module) -> nn.Module | None:
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
+def _layers_of(rx: Any, names: list[str]) -> set[int | None]:
+    """Block indices of module names (a fused slice `m:k` is in its module's block; None: outside)."""
+    return {int(m.group(1)) if (m := rx.match(n.partition(":")[0])) else None for n in names}
+
+
 def sequential_blocker(model: nn.Module, plan: Any, *, stats_given: bool) -> str | None:
     """Why `plan` cannot run block by block on `model`, or None. Every unit must lie inside one
     block, and its statistics must come from a block's forward pass (or from captured statistics)."""
@@ -379,7 +379,7 @@ def sequential_blocker(model: nn.Module, plan: Any, *, stats_given: bool) -> str
 
     rx = discover(model).layer_regex()
     for m in plan_members(model, plan):
-        layers = {x.group(1) if (x := rx.match(n.partition(":")[0])) else None for n in m.names}
+        layers = _layers_of(rx, m.names)
         if None in layers:
             outside = next(n for n in m.names if not rx.match(n.partition(":")[0]))
             return f"group {m.label!r} compresses {outside}, outside the block list"
@@ -477,9 +477,10 @@ def compress_sequential(
     rx = blocks.structure.layer_regex()
     by_layer: dict[int, list[int]] = {}
     for k, p in enumerate(planned):
-        by_layer.setdefault(int(rx.match(p.unit.names[0].partition(":")[0]).group(1)), []).append(k)  # type: ignore[union-attr]
+        (i,) = _layers_of(rx, p.unit.names)  # one block each: sequential_blocker checked
+        by_layer.setdefault(i, []).append(k)  # type: ignore[arg-type]
 
-    trainer = _Trainer(plan.modular, blocks, stream, call, seed, progress, log, resume, spill, placement) \
+    trainer = _Trainer(plan.modular, blocks, stream, call, seed, progress, log, resume, spill) \
         if plan.modular is not None else None
     order: list[int] = []
     t_fit = 0.0
@@ -558,11 +559,8 @@ def _allocate(model: nn.Module, plan: Any, blocks: Blocks, stream: HiddenStates 
     rx = blocks.structure.layer_regex()
     per_layer: dict[int, list[tuple[str, list[str]]]] = {}
     for label, names in units:
-        layers = {m.group(1) if (m := rx.match(n.partition(":")[0])) else None for n in names}
-        if None in layers or len(layers) > 1:
-            raise OffcompError(f"the sequential pipeline cannot allocate unit {label!r} ({names[0]}): it is outside "
-                               "one block; use --pipeline global")
-        per_layer.setdefault(int(layers.pop()), []).append((label, names))  # type: ignore[arg-type]
+        (i,) = _layers_of(rx, names)  # one block each: sequential_blocker checked
+        per_layer.setdefault(i, []).append((label, names))  # type: ignore[arg-type]
     if key == "xtx" and stats is None and stream is None:
         raise OffcompError("allocation by the whitened criterion needs calibration data: pass --calib-data")
     if key == "fisher_row" and stats is None:
@@ -570,10 +568,7 @@ def _allocate(model: nn.Module, plan: Any, blocks: Blocks, stream: HiddenStates 
     # the first pass runs on a copy of the dense stream: the fitting pass needs block 0's inputs again
     dense = None
     if key == "xtx" and stats is None:
-        dense = HiddenStates(len(stream), stream.shape[2], stream.shape[3], stream.device,  # type: ignore[union-attr]
-                             spill=stream.file.parent if stream.file else None, placement=stream.placement)  # type: ignore[union-attr]
-        for w in range(len(stream)):  # type: ignore[arg-type]
-            dense[w] = stream[w]  # type: ignore[index]
+        dense = stream.copy()  # type: ignore[union-attr]
     energies: dict[tuple[str, ...], torch.Tensor] = {}
     for i in range(len(blocks.layers)):
         mine = per_layer.get(i, [])
@@ -609,7 +604,7 @@ class _Trainer:
     whole model (same functions, same records, same resume files)."""
 
     def __init__(self, cfg: Any, blocks: Blocks, stream: HiddenStates | None, call: BlockCall | None, seed: int,
-                 progress: ProgressFn, log: Any, resume: Any, spill: Path | None, placement: str) -> None:
+                 progress: ProgressFn, log: Any, resume: Any, spill: Path | None) -> None:
         from .modular import _Resume
 
         if stream is None or call is None:
@@ -624,15 +619,10 @@ class _Trainer:
         if n > len(stream):
             raise OffcompError(f"modular samples {n} exceeds the {len(stream)} calibration windows")
         self.n = n
-        # the dense stream, a copy of the compressed one's start (the student's own is `stream`)
-        self.dense = HiddenStates(len(stream), stream.shape[2], stream.shape[3], stream.device,
-                                  spill=spill, placement=stream.placement if placement == "auto" else placement)
-        for w in range(len(stream)):
-            self.dense[w] = stream[w]
+        self.dense = stream.copy(spill)  # the dense stream (the student's own is `stream`)
 
     def layer(self, i: int, teacher: nn.Module, student: nn.Module) -> None:
         from .modular import train_layer_blocks, train_layer_sequential
-        from .swap import discover
 
         dense = [self.dense[w] for w in range(self.n)]
         if self.cfg.mode == "sequential":
@@ -640,7 +630,7 @@ class _Trainer:
             recs, outs = train_layer_sequential(i, teacher, student, dense, s_hidden, self.call, set(), self.cfg,
                                                 self.gen, self.progress, self.log, self.resume)
         else:
-            recs, outs = train_layer_blocks(i, teacher, student, dense, self.call, discover(self.blocks.model).aliases,
+            recs, outs = train_layer_blocks(i, teacher, student, dense, self.call, self.blocks.structure.aliases,
                                             set(), self.cfg, self.gen, self.progress, self.log, self.resume)
         self.records += recs
         with torch.no_grad():
