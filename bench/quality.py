@@ -9,8 +9,11 @@ the rows already there) and the whole table to OUT/table.md; OUT/report.md is `o
 Presets (`--suite`):
   paper       issue 3: one module type jointly across all layers (the paper's regime), cr 3/10/25,
               svd / ae / kronecker / tucker / prune, 32 x 1024 test tokens.
-  data-aware  issue 4: every decoder linear, separately, ratio 0.9-0.6, data-free vs data-aware,
-              64 x 1024 calibration tokens from wiki.valid.raw, 64 x 1024 test tokens.
+  data-aware  issues 4 and 14: every decoder linear, separately, ratio 0.9-0.6, data-free vs
+              data-aware low-rank vs SparseGPT at the same kept-value ratio, 64 x 1024 calibration
+              tokens from wiki.valid.raw, 64 x 1024 test tokens. A sparse matrix also stores its
+              bitmap (1 bit per original weight): a ratio 1/16 lower matches the low-rank rows'
+              bytes in bf16 (e.g. `--methods sparsegpt --values 0.7375` beside ratio 0.8).
   pruning     issue 14: every decoder linear, separately, 50 % unstructured and 2:4; magnitude vs
               Wanda (per-row comparison, as in its paper) vs SparseGPT, Wanda and SparseGPT on the
               same 64 x 1024 calibration windows of wiki.valid.raw (one capture), 64 x 1024 test tokens.
@@ -19,8 +22,12 @@ Calibration statistics (captured once from wiki.valid.raw and cached) go only to
 use them. A method is `name` or `name:key=value,key=value` (its options), e.g. `ae:scale=fit`; `+alloc` at
 the end spreads the ratio over groups by measured sensitivity (`allocate`), e.g. `svd-llm+alloc`;
 `+modular` then trains each compressed block towards the dense one (offcomp.modular), with options,
-e.g. `svd-llm+alloc+modular:mode=sequential,lr=1e-4`. Option values are read as JSON where they
-parse (numbers, true/false), else as text (`pattern=2:4` stays the string "2:4").
+e.g. `svd-llm+alloc+modular:mode=sequential,lr=1e-4`. The pipeline is `offcomp compress`'s `auto`
+(sequential, closed-loop statistics, whenever the plan reads calibration data and can run block by
+block); `+open` keeps the sequential pipeline's statistics on the dense stream (`--calib-loop open`)
+and `+global` captures whole-model statistics once (`--pipeline global`), e.g. `sparsegpt+global`.
+Option values are read as JSON where they parse (numbers, true/false), else as text (`pattern=2:4`
+stays the string "2:4").
 
     .venv/bin/python bench/quality.py --suite paper --out runs/bench/quality-paper
     .venv/bin/python bench/quality.py --suite data-aware --out runs/bench/quality-data-aware
@@ -50,7 +57,8 @@ SUITES: dict[str, dict[str, Any]] = {
               "eval_tokens": 32768, "calib": 16, "validate": True},
     "data-aware": {"modules": None, "joint": False, "budget": "ratio", "values": [0.9, 0.8, 0.7, 0.6],
                    "methods": ["svd", "fwsvd", "asvd", "svd-llm", "ae:loss_space=whitened,arch=linear,scale=fit",
-                               "svd-llm+alloc", "svd-llm+alloc+modular"], "eval_tokens": 65536,
+                               "svd-llm+alloc", "svd-llm+alloc+modular:mode=sequential,lr=1e-4", "sparsegpt"],
+                   "eval_tokens": 65536,
                    "calib": 64, "validate": False},
     "pruning": {"modules": None, "joint": False, "budget": "ratio", "values": [0.5],
                 "methods": ["prune", "prune:score=wanda,compare=row", "sparsegpt",
@@ -103,7 +111,9 @@ def run_one(args: argparse.Namespace, cfg: dict[str, Any], spec: str, value: flo
     # separate units the checks would cost hours, so there trained methods select on their loss
     valid = {"data": str(WIKI / "wiki.valid.raw"), "max_tokens": args.valid_tokens} if cfg["validate"] else None
     man = compress_model(args.model, plan, out, seed=args.seed, calib=calib, valid=valid, overwrite=True,
-                         plan_source=f"bench/quality.py {spec} {cfg['budget']}={value}")
+                         plan_source=f"bench/quality.py {spec} {cfg['budget']}={value}",
+                         pipeline="global" if "global" in extras else "auto",
+                         calib_loop="open" if "open" in extras else None)
     rec = evaluate_ppl(str(out), str(WIKI / "wiki.test.raw"), max_tokens=cfg["eval_tokens"], dtype=args.dtype,
                        seed=args.seed)
     rep = man["report"]
@@ -123,7 +133,8 @@ def run_one(args: argparse.Namespace, cfg: dict[str, Any], spec: str, value: flo
             "model": rec["model"], "data": rec.get("data"), "seq_len": rec.get("seq_len"),
             "n_tokens": rec.get("n_tokens"), "dtype": args.dtype, "seed": args.seed,
             "params_before": rep["params_before"], "calibration": man.get("calibration"),
-            "validation": man.get("validation"), "allocation": (man.get("allocation") or {}).get("criterion")},
+            "validation": man.get("validation"), "allocation": (man.get("allocation") or {}).get("criterion"),
+            "pipeline": man.get("pipeline")},
     }
 
 
