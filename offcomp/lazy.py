@@ -189,13 +189,19 @@ def lazy_sha256(model: nn.Module, source: LazyCheckpoint) -> str:
 
 def unexpected_keys(model: nn.Module, source: LazyCheckpoint) -> list[str]:
     """Stored tensors that belong to modules the architecture has but match none of its tensors (a
-    checkpoint of another layout: transformers would leave the real tensors random)."""
+    checkpoint of another layout: transformers would leave the real tensors random).
+
+    A stored copy of a non-persistent buffer is not one of them: older transformers versions saved
+    buffers such as BERT's `embeddings.position_ids` that today's modules compute themselves, and
+    transformers skips them when loading (minilm-l6's checkpoint holds one)."""
     base = prefixed(model)
     used = {source.key_for(k, base) for k in model.state_dict()}
+    computed = {f"{name}.{b}" if name else b for name, mod in model.named_modules()
+                for b in mod._non_persistent_buffers_set}
     modules = dict(model.named_modules())
     out = []
     for key in source.files:
-        if key in used:
+        if key in used or key in computed or (base and f"{base}.{key}" in computed):
             continue
         owner = key.rpartition(".")[0]
         if owner in modules or (base and f"{base}.{owner}" in modules):

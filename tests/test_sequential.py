@@ -317,3 +317,37 @@ def test_cuda_blocks_on_the_gpu_give_the_cpu_model(base, calib_text, tmp_path):
         a = load_model(str(tmp_path / "cpu")).model(ids).logits
         b = load_model(str(tmp_path / "gpu")).model(ids).logits
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def _bert_dir(tmp_path, bert_tokenizer, extra: dict[str, torch.Tensor]):
+    """A tiny BERT encoder directory whose model.safetensors also holds `extra` tensors."""
+    from safetensors.torch import save_file
+
+    from .conftest import tiny_bert
+
+    d = save_model_dir(tiny_bert(vocab_size=bert_tokenizer.vocab_size, head="base"), bert_tokenizer, tmp_path / "bert")
+    state = load_file(d / "model.safetensors")
+    save_file({**state, **extra}, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def test_stored_non_persistent_buffer_is_not_a_foreign_tensor(tmp_path, bert_tokenizer, calib_text, monkeypatch):
+    """minilm-l6's checkpoint stores `embeddings.position_ids` (a buffer transformers now computes):
+    the sequential pipeline refused it, so the encoder recipe failed under the default `auto`."""
+    monkeypatch.setenv("OFFCOMP_CACHE", str(tmp_path / "cache"))
+    d = _bert_dir(tmp_path, bert_tokenizer, {"embeddings.position_ids": torch.arange(128)[None]})
+    plan = quick_plan("bert", "svd-llm", ratio=0.7)
+    man = compress_model(str(d), plan, tmp_path / "seq", calib=_calib(calib_text, seq_len=16),
+                         pipeline="sequential")
+    assert man["pipeline"]["pipeline"] == "sequential"
+    glob = compress_model(str(d), plan, tmp_path / "glob", calib=_calib(calib_text, seq_len=16),
+                          pipeline="global")
+    assert man["base"]["sha256"] == glob["base"]["sha256"]
+
+
+def test_tensor_of_another_layout_is_still_refused(tmp_path, bert_tokenizer):
+    from offcomp.lazy import load_lazy
+
+    d = _bert_dir(tmp_path, bert_tokenizer, {"embeddings.word_embeddings.weight_v2": torch.zeros(4, 4)})
+    with pytest.raises(OffcompError, match="architecture does not have"):
+        load_lazy(str(d))
