@@ -176,14 +176,16 @@ def lazy_sha256(model: nn.Module, source: LazyCheckpoint) -> str:
     for k, t in state.items():
         names_of.setdefault(id(t), []).append(k)
     h = hashlib.sha256()
-    for k, t in sorted(state.items()):
+    # hashed under the stored name where the tensor is stored under its own (models.checkpoint_names)
+    for name, k in sorted((source.key_for(k, base) or k, k) for k in state):
+        t = state[k]
         key = next((c for n in [k, *names_of[id(t)]] if (c := source.key_for(n, base)) is not None), None)
         if key is None:
             if t.device.type == "meta":
                 raise OffcompError(f"{source.directory} has no tensor for {k}; the checkpoint does not match its "
                                    "config")
             continue  # a buffer the model computes itself: not part of the weights (as in the global hash)
-        hash_tensor(h, k, source.read([key], torch.device("cpu"), torch.float32)[key])
+        hash_tensor(h, name, source.read([key], torch.device("cpu"), torch.float32)[key])
     return h.hexdigest()
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,14 +76,35 @@ def _package_dir(package: str, install_hint: str) -> Path:
     return Path(spec.origin).parent
 
 
-def state_dict_sha256(model: nn.Module, skip: set[str] | frozenset[str] = frozenset()) -> str:
+def state_dict_sha256(model: nn.Module, skip: set[str] | frozenset[str] = frozenset(),
+                      stored_name: Callable[[str], str] | None = None) -> str:
     """Hash of names, dtypes, shapes and bytes of every tensor, in sorted order: the same weights
-    give the same hash whatever file format or sharding they came from."""
+    give the same hash whatever file format or sharding they came from. `stored_name` maps a
+    tensor's name in the model to the name the checkpoint stores it under, so that one checkpoint
+    has one hash whichever head it was loaded with (BERT's `bert.encoder…` under a classification
+    head is the base checkpoint's `encoder…`)."""
     h = hashlib.sha256()
-    for k, t in sorted(model.state_dict().items()):
-        if k not in skip:
-            hash_tensor(h, k, t)
+    rename = stored_name or (lambda k: k)
+    state = model.state_dict()
+    for name, k in sorted((rename(k), k) for k in state if k not in skip):
+        hash_tensor(h, name, state[k])
     return h.hexdigest()
+
+
+def checkpoint_names(source: str | Path, model: nn.Module) -> Callable[[str], str] | None:
+    """`state_dict_sha256`'s `stored_name` for a local safetensors checkpoint (None elsewhere: a hub
+    id or .bin files are hashed under the model's own names)."""
+    from .hf_integration import prefixed
+    from .lazy import LazyCheckpoint
+
+    if not Path(source).is_dir() or not any(Path(source).glob("*.safetensors")):
+        return None
+    try:
+        stored = LazyCheckpoint(source)
+    except OffcompError:
+        return None
+    base = prefixed(model)
+    return lambda k: stored.key_for(k, base) or k
 
 
 def hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
@@ -241,7 +263,7 @@ def load_model(
                            "an offcomp checkpoint needs its config.json quantization_config and offcomp.json") from None
     check_loading_info(model, info, name)
     # Hash only what came from the checkpoint, not a freshly initialised task head.
-    sha = state_dict_sha256(model, skip=set(info.get("missing_keys", [])))
+    sha = state_dict_sha256(model, skip=set(info.get("missing_keys", [])), stored_name=checkpoint_names(source, model))
     model.eval().to(device=device, dtype=dtype)
     return ModelBundle(model, tokenizer, name, source, sha, head_kind(head, config), head)
 

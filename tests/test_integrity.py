@@ -321,3 +321,20 @@ def test_damaged_superset_capture_is_not_reused(llama_dir, tmp_path):
     fresh = run_capture(str(llama_dir), "embedded", "validation", gram_only, root=tmp_path)
     assert not fresh.reused and fresh.path != full.path
     assert all(v.abs().sum() > 0 for k, v in load_file(fresh.path / "stats.safetensors").items() if k.endswith("xtx"))
+
+
+def test_one_checkpoint_has_one_hash_whatever_head_loads_it(llama_dir, tmp_path, bert_tokenizer):
+    """A fine-tuned dense encoder's record named the base by the hash of `bert.…` names (its
+    classification wrapper), the compressed runs by the bare checkpoint's: `offcomp report` then
+    refused to compare MRPC of dense and compressed. The hash now uses the names as stored."""
+    from .conftest import save_model_dir, tiny_bert
+
+    d = save_model_dir(tiny_bert(vocab_size=bert_tokenizer.vocab_size, head="base"), bert_tokenizer,
+                       tmp_path / "bert")
+    base = load_model(str(d)).sha256
+    assert load_model(str(d), head="sequence-classification", num_labels=2).sha256 == base
+    # a causal LM stored with its own head's names keeps the hash it always had
+    llama = load_model(str(llama_dir))
+    from offcomp.models import state_dict_sha256
+
+    assert llama.sha256 == state_dict_sha256(llama.model)
