@@ -348,6 +348,8 @@ def _describe(key: str, value: Any) -> str:
         return " ".join(parts)
     if key in ("base", "data_sha256") and isinstance(value, str) and len(value) == 64:
         return value[:8]
+    if key == "data_sha256" and isinstance(value, dict):  # one hash per file (GLUE: train.tsv, dev.tsv)
+        return ", ".join(f"{name} {_describe(key, h)}" for name, h in value.items())
     return str(value)
 
 

@@ -277,3 +277,11 @@ def test_calibration_note_names_the_modular_training():
     plain, trained = _describe("calibration", _calib_key(cal)), _describe("calibration", _calib_key(mod))
     assert plain != trained and trained.startswith(plain)
     assert "modular training on wiki.valid.raw:validation all×1024" in trained
+
+
+def test_per_file_data_hashes_are_shortened_like_one_hash():
+    """GLUE records hash train.tsv and dev.tsv apart; the protocol line printed the Python dict."""
+    from offcomp.report import _describe
+
+    assert _describe("data_sha256", {"train.tsv": "a" * 64, "dev.tsv": "b" * 64}) == \
+        "train.tsv aaaaaaaa, dev.tsv bbbbbbbb"
