@@ -99,6 +99,8 @@ def llama_dir(tmp_path_factory, bert_tokenizer):
     (["--method", "svd", "--ratio", "0.95"], False),  # keeps more than 90 %
     (["--method", "svd", "--ratio", "0.5", "--modules", "attn.k"], False),  # a small share of the model
     (["--plan", "decoder-ratio-0.8"], True),  # a shipped plan, by name
+    (["--method", "prune", "--ratio", "0.8"], False),  # magnitude pruning: nothing measured to claim at 80 %
+    (["--method", "prune", "--ratio", "0.5"], True),  # ... at 50 %: 25 -> 575 measured
 ])
 def test_data_free_warning_on_decoders(llama_dir, args, warned):
     res = CliRunner().invoke(app, ["compress", "--model", str(llama_dir), *args, "--dry-run"])
