@@ -14,6 +14,7 @@ with its base-model prefix (a `LlamaModel` saved bare, loaded under `LlamaForCau
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,12 @@ class LazyCheckpoint:
             else:
                 candidates.append(f"{prefix}.{name}")
         return next((c for c in candidates if c in self.files), None)
+
+    def stored_names(self, model: nn.Module) -> Callable[[str], str]:
+        """The name each of `model`'s tensors is stored under here (its own where it is not stored):
+        what the weights hash names them by (`offcomp.models.state_dict_sha256`, `lazy_sha256`)."""
+        base = prefixed(model)
+        return lambda k: self.key_for(k, base) or k
 
     def read(self, keys: list[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The tensors `keys`, on `device`, floating ones cast to `dtype` (one tensor at a time)."""
@@ -176,8 +183,8 @@ def lazy_sha256(model: nn.Module, source: LazyCheckpoint) -> str:
     for k, t in state.items():
         names_of.setdefault(id(t), []).append(k)
     h = hashlib.sha256()
-    # hashed under the stored name where the tensor is stored under its own (models.checkpoint_names)
-    for name, k in sorted((source.key_for(k, base) or k, k) for k in state):
+    stored_name = source.stored_names(model)
+    for name, k in sorted((stored_name(k), k) for k in state):
         t = state[k]
         key = next((c for n in [k, *names_of[id(t)]] if (c := source.key_for(n, base)) is not None), None)
         if key is None:

@@ -94,17 +94,14 @@ def state_dict_sha256(model: nn.Module, skip: set[str] | frozenset[str] = frozen
 def checkpoint_names(source: str | Path, model: nn.Module) -> Callable[[str], str] | None:
     """`state_dict_sha256`'s `stored_name` for a local safetensors checkpoint (None elsewhere: a hub
     id or .bin files are hashed under the model's own names)."""
-    from .hf_integration import prefixed
     from .lazy import LazyCheckpoint
 
-    if not Path(source).is_dir() or not any(Path(source).glob("*.safetensors")):
+    if not Path(source).is_dir():
         return None
     try:
-        stored = LazyCheckpoint(source)
-    except OffcompError:
+        return LazyCheckpoint(source).stored_names(model)
+    except OffcompError:  # no model.safetensors (or index) here
         return None
-    base = prefixed(model)
-    return lambda k: stored.key_for(k, base) or k
 
 
 def hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
