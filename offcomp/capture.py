@@ -282,9 +282,12 @@ def run_capture(
         model, trust_remote_code=trust_remote_code, verify=verify)
     dev = torch.device(device)
     kind = bundle.kind if bundle.kind in ("causal", "masked") else "encoder"
-    if kind == "encoder" and (spec.fisher or spec.fisher_full):
-        raise OffcompError(f"{bundle.name} has no language-model head, so there is no loss for Fisher "
-                           "information; use --no-fisher (Gram statistics need no head)")
+    # Fisher information is the gradient of the LM loss on the calibration text: a task head (a
+    # fine-tuned classifier) has no such loss, and calibration text has no task labels
+    if bundle.head not in ("causal-lm", "masked-lm") and (spec.fisher or spec.fisher_full):
+        raise OffcompError(f"{bundle.name} has no language-model head ({bundle.head}), so there is no loss for "
+                           "Fisher information; use Gram statistics (capture --no-fisher; compress "
+                           "--allocate-criterion whitened)")
     input_of = select_inputs(bundle.model, spec.modules, spec.layers)
     for n in extra_modules or []:
         input_of.setdefault(n, n)

@@ -181,12 +181,19 @@ def stored_dtype(source: str, trust_remote_code: bool = False) -> torch.dtype:
 # (which name every LM head class it knows: GPT2LMHeadModel, XLMWithLMHeadModel, ...).
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "WithLMHead")
 _MASKED_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
+# Task heads a fine-tuned checkpoint may carry: compressing it must keep its trained head, not load
+# the bare model and drop (or, lazily, refuse) the head's tensors.
+_TASK_HEADS = {
+    "sequence-classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "ForSequenceClassification"),
+    "question-answering": ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "ForQuestionAnswering"),
+}
 
 
 def default_head(config: Any) -> str:
     """The head a checkpoint was saved with, from `config.architectures` (any class transformers
-    maps to a causal or masked LM, or a name ending like one); without architectures, the model
-    type's only LM head kind; otherwise the bare model."""
+    maps to a causal or masked LM, sequence classification or question answering, or a name ending
+    like one); without architectures, the model type's only LM head kind; otherwise the bare model."""
+    from transformers.models.auto import modeling_auto
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -198,6 +205,10 @@ def default_head(config: Any) -> str:
         return "causal-lm"
     if any(a in masked or a.endswith(_MASKED_SUFFIXES) for a in archs):
         return "masked-lm"
+    for head, (mapping, suffix) in _TASK_HEADS.items():
+        names = set(getattr(modeling_auto, mapping).values())
+        if any(a in names or a.endswith(suffix) for a in archs):
+            return head
     if not archs:
         mt = getattr(config, "model_type", None)
         is_causal, is_masked = mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -207,11 +218,23 @@ def default_head(config: Any) -> str:
 
 
 def head_kind(head: str, config: Any) -> str:
+    """How the model reads text: "causal" (a decoder: calibration on the plain token stream),
+    "masked" (an MLM head), or "encoder" (any other head of a bidirectional model)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
     if head == "causal-lm":
         return "causal"
     if head == "masked-lm":
         return "masked"
-    return "causal" if default_head(config) == "causal-lm" else "encoder"
+    own = default_head(config)
+    if own in _TASK_HEADS:  # a decoder's task head (LlamaForSequenceClassification): its family decides
+        mt = getattr(config, "model_type", None)
+        return "causal" if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES \
+            else "encoder"
+    return "causal" if own == "causal-lm" else "encoder"
 
 
 def is_compressed_dir(name: str) -> bool:

@@ -34,7 +34,7 @@ from offcomp.errors import OffcompError
 from offcomp.eval import finetuned
 from offcomp.eval.metrics import GLUE_METRICS, glue_metrics
 from offcomp.layers import CompressedModule
-from offcomp.models import file_sha256, load_model, state_dict_sha256
+from offcomp.models import default_head, file_sha256, load_model, state_dict_sha256
 from offcomp.progress import ProgressFn
 from offcomp.records import dumps
 
@@ -518,6 +518,24 @@ def run_glue(
     trainer = make_trainer(loaded.model, loaded.tokenizer, train_set, out, args, device, progress)
     hyper = {**dataclasses.asdict(args), "freeze_compressed": freeze_compressed}
 
+    def score() -> tuple[dict[str, float], dict[str, int]]:
+        metrics: dict[str, float] = {}
+        n_scored = {}
+        for name, ds in eval_sets.items():
+            pred = trainer.predict(ds, metric_key_prefix=name)
+            n_scored[name] = len(pred.label_ids)  # after the cross-process gather: must equal n_eval
+            scores = glue_metrics(spec.name, pred.predictions, pred.label_ids)
+            prefix = "" if name == "dev" else f"{name}_"
+            metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
+            metrics[f"{prefix}eval_loss"] = float(pred.metrics.get(f"{name}_loss", float("nan")))
+        return metrics, n_scored
+
+    # A checkpoint saved with its own classifier (a fine-tuned model, or one compressed after
+    # fine-tuning) is scored before training too: what compression lost, before recovery
+    own_head = default_head(loaded.model.config) == "sequence-classification"
+    if own_head and not pre_metrics:
+        pre_metrics = score()[0]
+
     t0 = time.perf_counter()
     train_out, resumed = finetuned.train(trainer, out, {"task": spec.name, "model": loaded.info.get("sha256"),
                                                         "data": data.source, "hyperparameters": hyper,
@@ -525,15 +543,7 @@ def run_glue(
     train_time = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    metrics: dict[str, float] = {}
-    n_scored = {}
-    for name, ds in eval_sets.items():
-        pred = trainer.predict(ds, metric_key_prefix=name)
-        n_scored[name] = len(pred.label_ids)  # after the cross-process gather: must equal n_eval
-        scores = glue_metrics(spec.name, pred.predictions, pred.label_ids)
-        prefix = "" if name == "dev" else f"{name}_"
-        metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
-        metrics[f"{prefix}eval_loss"] = float(pred.metrics.get(f"{name}_loss", float("nan")))
+    metrics, n_scored = score()
     eval_time = time.perf_counter() - t0
 
     record = {
@@ -542,6 +552,7 @@ def run_glue(
         "metric_names": list(GLUE_METRICS[spec.name]),
         "metrics": metrics,
         "pre_metrics": dict(pre_metrics or {}),
+        "head_at_start": "trained" if own_head else "new",  # pre_metrics: scored before training
         **model_fields(loaded, params["total"], scored_files(data.source)),
         "data": {
             "name": f"glue/{spec.name}",
