@@ -728,12 +728,23 @@ def finetune_glue(
     bf16: Bf16 = False,
     save_model: SaveModel = False,
     checkpoint_steps: CkptSteps = None,
+    teacher: Annotated[str | None, typer.Option(
+        help="distil from this model fine-tuned on the task (e.g. the dense one: finetune-glue --save-model, "
+             "then DIR/model)")] = None,
+    distill_weight: Annotated[float | None, typer.Option(
+        help="with --teacher: share of the distillation term in the loss (the task loss has the rest) "
+             "[default: 0.5]")] = None,
+    distill_temperature: Annotated[float | None, typer.Option(
+        help="with --teacher: softmax temperature of the distilled class distributions [default: 2]")] = None,
     device: Device = "cpu",
     no_verify: NoVerify = False,
     as_json: Json = False,
 ) -> None:
     """Fine-tune a base or compressed encoder on a GLUE task (HF Trainer; torchrun/accelerate ready)."""
     from .eval.glue import GLUE_DEFAULTS, run_glue
+
+    if teacher is None and (distill_weight is not None or distill_temperature is not None):
+        raise OffcompError("--distill-weight/--distill-temperature shape a distillation: give its --teacher")
 
     args = _finetune_args(GLUE_DEFAULTS, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                           max_length=max_length, seed=seed, max_steps=max_steps,
@@ -742,7 +753,9 @@ def finetune_glue(
     with rich_progress() as progress:
         rec = run_glue(model, task, data_dir=data_dir, output_dir=out_dir, args=args,
                        freeze_compressed=freeze_compressed, device=device, progress=progress, verify=not no_verify,
-                       save_model=save_model)
+                       save_model=save_model, teacher=teacher, distill_weight=0.5 if distill_weight is None
+                       else distill_weight, distill_temperature=2.0 if distill_temperature is None
+                       else distill_temperature)
     warn_contaminated(rec)
     emit(rec, as_json, _metrics_table(f"{task}: {model}", rec))
 

@@ -35,6 +35,9 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("kept_modules", "kept (compressed modules)", "ratio"),
     ("kept_model", "kept (whole model)", "ratio"),
     ("value", "metric", "float"),
+    # a task head the checkpoint already had, scored before fine-tuning (a classifier compressed
+    # after fine-tuning: what compression lost before recovery); shown only when a row has one
+    ("value_before", "before fine-tuning", "float"),
     ("delta", "Δ vs dense", "delta"),
     ("x_dense", "× dense", "ratio"),
     ("compress_s", "compress s", "seconds"),
@@ -248,7 +251,13 @@ def _row(rec: dict[str, Any], results_file: Path) -> list[dict[str, Any]]:
         "protocol": _protocol(rec, base.get("sha256") or base.get("name") or model.get("name")),
         "record_type": rec.get("type", "?"),
     }
-    return [{**common, "task": task, "metric": metric, "value": value} for task, metric, value in _metrics(rec)]
+    pre = rec.get("pre_metrics") if isinstance(rec.get("pre_metrics"), dict) else {}
+    return [{**common, "task": task, "metric": metric, "value": value, "value_before": _number(pre.get(metric))}
+            for task, metric, value in _metrics(rec)]
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 def collect(root: str | Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
@@ -322,8 +331,10 @@ class ReportTable:
 
     @property
     def columns(self) -> list[tuple[str, str, str]]:
-        """The columns, the metric's header named after it."""
-        return [(k, self.metric if k == "value" else h, kind) for k, h, kind in COLUMNS]
+        """The columns, the metric's header named after it; "before fine-tuning" only when a row has it."""
+        before = any(r.get("value_before") is not None for r in self.rows)
+        return [(k, {"value": self.metric, "value_before": f"{self.metric} {h}"}.get(k, h), kind)
+                for k, h, kind in COLUMNS if k != "value_before" or before]
 
 
 def _calib_key(c: dict[str, Any] | None) -> str | None:

@@ -285,3 +285,21 @@ def test_per_file_data_hashes_are_shortened_like_one_hash():
 
     assert _describe("data_sha256", {"train.tsv": "a" * 64, "dev.tsv": "b" * 64}) == \
         "train.tsv aaaaaaaa, dev.tsv bbbbbbbb"
+
+
+def test_scores_before_fine_tuning_get_their_own_column_only_where_recorded(runs):
+    """A classifier compressed after fine-tuning is scored before recovery (`pre_metrics`)."""
+    rec = {"type": "glue", "task": "mrpc", "metric_names": ["accuracy", "f1"],
+           "metrics": {"accuracy": 0.78, "f1": 0.85}, "pre_metrics": {"accuracy": 0.70, "f1": 0.80, "eval_loss": 0.6},
+           "model": {"name": "ft", "sha256": "f" * 64, "compressed": False},
+           "data": {"name": "glue/mrpc", "split": "dev"}, "hyperparameters": {"lr": 3e-5}}
+    write_run(runs, "glue-ft", [rec])
+    tables = report_tables(runs)
+    with_before = [t for t in tables if t.rows[0].get("value_before") is not None]
+    assert [(t.metric, t.rows[0]["value_before"]) for t in with_before] == [("accuracy", 0.70), ("f1", 0.80)]
+    headers = [h for _, h, _ in with_before[1].columns]
+    assert headers[headers.index("f1") + 1] == "f1 before fine-tuning"
+    assert "f1 before fine-tuning" in render(with_before, "md")
+    # tables without such a record keep their columns
+    plain = [t for t in tables if t.title.startswith("mrpc") and t not in with_before]
+    assert plain and all("before" not in " ".join(h for _, h, _ in t.columns) for t in plain)

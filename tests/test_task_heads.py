@@ -98,3 +98,113 @@ def test_glue_scores_a_trained_head_before_training(tmp_path):
     # before training again, the saved classifier scores exactly what it scored when it was saved
     assert again["pre_metrics"] == pytest.approx(first["metrics"])
     assert json.loads((tmp_path / "b" / "glue-sst2.json").read_text())["pre_metrics"] == again["pre_metrics"]
+
+
+def _quiet_classifier_dir(path, seed=0):
+    """A classifier without dropout (its training forward equals its eval forward), saved with its head."""
+    from transformers import BertForSequenceClassification
+
+    from tests.finetune_torchrun import tiny_config
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(tiny_config(num_labels=2, hidden_dropout_prob=0.0,
+                                                      attention_probs_dropout_prob=0.0))
+    torch.nn.init.normal_(model.classifier.weight, std=2.0)  # a head whose answers depend on the input
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+def test_distillation_loss_is_the_softened_kl_and_mixes_with_the_task_loss():
+    import torch.nn.functional as F
+
+    from offcomp.eval.glue import Distill
+
+    class Teacher(torch.nn.Module):
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": torch.tensor([[2.0, -1.0], [0.5, 0.5]])})()
+
+    s = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    task = torch.tensor(0.7)
+    d = Distill(Teacher(), weight=0.25, temperature=3.0)
+    ps, pt = F.softmax(s / 3, -1), F.softmax(torch.tensor([[2.0, -1.0], [0.5, 0.5]]) / 3, -1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1).mean() * 9
+    got = d.loss(s, {"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": torch.tensor([0, 1])}, task)
+    assert got.item() == pytest.approx(0.75 * 0.7 + 0.25 * kl.item(), rel=1e-6)
+    reg = Distill(Teacher(), weight=1.0, regression=True)
+    assert reg.loss(s, {"input_ids": None}, task).item() == pytest.approx(F.mse_loss(s, Teacher()(None).logits).item())
+    for bad in ({"weight": 0.0}, {"weight": 1.5}, {"temperature": 0.0}):
+        with pytest.raises(OffcompError):
+            Distill(Teacher(), **bad)
+
+
+def test_glue_distils_from_a_fine_tuned_teacher(tmp_path):
+    """Distillation alone (weight 1) from a teacher that gives one answer to everything teaches the
+    student to do the same, whatever the labels say."""
+    from transformers import AutoModelForSequenceClassification
+
+    from offcomp.eval.glue import TASKS, read_glue_tsv
+
+    data = write_sst2(tmp_path / "glue", n_train=32, n_dev=12)
+    args = FinetuneArgs(batch_size=8, grad_accum=1, max_steps=12, eval_batch_size=8, max_length=32, logging_steps=1,
+                        checkpoint_steps=0, learning_rate=1e-3)
+    student = _quiet_classifier_dir(tmp_path / "student")
+    dev = read_glue_tsv(TASKS["sst2"], data / "SST-2" / "dev.tsv")[0]
+    enc = tokenizer()(dev["a"], padding=True, truncation=True, max_length=32, return_tensors="pt")
+
+    def predictions(path):
+        with torch.no_grad():
+            return AutoModelForSequenceClassification.from_pretrained(path).eval()(**enc).logits.argmax(-1).tolist()
+
+    first = predictions(student)
+    taught = 1 - max(set(first), key=first.count)  # the class the student answers least
+    teacher = tmp_path / "teacher"
+    t = AutoModelForSequenceClassification.from_pretrained(student)
+    with torch.no_grad():
+        t.classifier.weight.zero_()
+        t.classifier.bias.copy_(torch.tensor([3.0, -3.0] if taught == 0 else [-3.0, 3.0]))
+    t.save_pretrained(teacher)
+    tokenizer().save_pretrained(teacher)
+    assert first != [taught] * 12
+    rec = run_glue(str(student), "sst2", data_dir=data, output_dir=tmp_path / "kd", args=args, save_model=True,
+                   teacher=str(teacher), distill_weight=1.0)
+    assert rec["hyperparameters"]["distill"]["weight"] == 1.0
+    assert rec["hyperparameters"]["distill"]["teacher"]["name"] == str(teacher)
+    assert predictions(tmp_path / "kd" / "model") == [taught] * 12
+    plain = run_glue(str(student), "sst2", data_dir=data, output_dir=tmp_path / "plain", args=args, save_model=True)
+    assert "distill" not in plain["hyperparameters"]  # a run without a teacher keeps the old recipe keys
+    assert plain["metrics"]["eval_loss"] != pytest.approx(rec["metrics"]["eval_loss"])
+
+
+def test_a_teacher_without_its_trained_head_or_with_other_tokens_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.finetune_torchrun import tiny_config
+
+    data = write_sst2(tmp_path / "glue", n_train=8, n_dev=4)
+    args = FinetuneArgs(batch_size=4, grad_accum=1, max_steps=1, max_length=32, checkpoint_steps=0)
+    cls = _quiet_classifier_dir(tmp_path / "cls")
+    base = tmp_path / "base"
+    from transformers import BertModel
+
+    BertModel(tiny_config()).save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    with pytest.raises(OffcompError, match="no trained classification head"):
+        run_glue(str(cls), "sst2", data_dir=data, output_dir=tmp_path / "a", args=args, teacher=str(base))
+    other = _quiet_classifier_dir(tmp_path / "other")
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["zzyzx"])
+    tok.save_pretrained(other)
+    with pytest.raises(OffcompError, match="another vocabulary"):
+        run_glue(str(cls), "sst2", data_dir=data, output_dir=tmp_path / "b", args=args, teacher=str(other))
+
+
+def test_cli_distill_options_need_a_teacher(tmp_path):
+    from typer.testing import CliRunner
+
+    from offcomp.cli import app
+
+    r = CliRunner().invoke(app, ["finetune-glue", "--task", "sst2", "--distill-weight", "0.3", "--out",
+                                 str(tmp_path / "o")])
+    assert r.exit_code == 2 and "give its --teacher" in r.output
+    assert not (tmp_path / "o").exists()

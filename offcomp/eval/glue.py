@@ -296,6 +296,24 @@ def resolve_model(
     return Loaded(model, tokenizer, info)
 
 
+def load_teacher(name: str | Path, student: Loaded, spec: Any, device: str, dtype: torch.dtype,
+                 verify: bool) -> Loaded:
+    """The fine-tuned teacher of a distillation: it must already have its trained head for this
+    task (a fresh head would teach noise) and read the student's tokens."""
+    t = resolve_model(str(name), None, head="sequence-classification", num_labels=spec.num_labels, device=device,
+                      dtype=dtype, verify=verify)
+    if default_head(t.model.config) != "sequence-classification":
+        raise OffcompError(f"teacher {name} has no trained classification head: give a model fine-tuned on "
+                           f"{spec.name} (finetune-glue --save-model DIR, then --teacher DIR/model)")
+    if getattr(t.model.config, "num_labels", None) != spec.num_labels:
+        raise OffcompError(f"teacher {name} has {t.model.config.num_labels} label(s); {spec.name} needs "
+                           f"{spec.num_labels}")
+    if t.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+        raise OffcompError(f"teacher {name} uses another vocabulary than the student; distillation feeds both "
+                           "the same token ids")
+    return t
+
+
 def scored_files(source: dict[str, Any]) -> tuple[Path, ...]:
     """The local files a GLUE / SQuAD / STS-B record scores (none for hub data)."""
     if "file" in source:  # STS-B
@@ -386,8 +404,54 @@ class _Progress(TrainerCallback):
         self.done = 0
 
 
+@dataclass
+class Distill:
+    """Knowledge distillation while fine-tuning: the loss is (1 - weight) × the task loss + weight ×
+    the distance to a fine-tuned teacher's outputs on the same batch (KL divergence of the
+    temperature-softened class distributions, × temperature², for classification; MSE of the scores
+    for regression). The teacher is typically the dense model fine-tuned on the task, the student
+    its compressed copy."""
+
+    teacher: nn.Module
+    weight: float = 0.5
+    temperature: float = 2.0
+    regression: bool = False
+    source: dict[str, Any] = field(default_factory=dict)  # the teacher's name and weights hash, for the record
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.weight <= 1.0:
+            raise OffcompError(f"distillation weight must be in (0, 1], got {self.weight}")
+        if not self.temperature > 0:
+            raise OffcompError(f"distillation temperature must be positive, got {self.temperature}")
+        self.teacher.eval().requires_grad_(False)
+
+    def loss(self, student_logits: torch.Tensor, inputs: dict[str, Any], task_loss: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            t = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+        s = student_logits.float()
+        if self.regression:
+            kd = F.mse_loss(s, t)
+        else:
+            tau = self.temperature
+            kd = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True,
+                          reduction="batchmean") * tau * tau
+        return (1 - self.weight) * task_loss + self.weight * kd
+
+
+class _DistillTrainer(Trainer):
+    distill: Distill
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        # only training distils: the eval loss stays the task loss, comparable with any other run
+        loss = self.distill.loss(outputs.logits, inputs, outputs.loss) if model.training else outputs.loss
+        return (loss, outputs) if return_outputs else loss
+
+
 def make_trainer(model, tokenizer, train_set, out: Path, args: FinetuneArgs, device: str,
-                 progress: ProgressFn | None, collator: Any = None) -> Trainer:
+                 progress: ProgressFn | None, collator: Any = None, distill: Distill | None = None) -> Trainer:
     """A Trainer that prints nothing, saves only checkpoints to resume from (the last one, every
     `checkpoint_steps`) and, on CPU, uses gloo under torchrun."""
     targs = TrainingArguments(
@@ -404,8 +468,11 @@ def make_trainer(model, tokenizer, train_set, out: Path, args: FinetuneArgs, dev
         # loss by the world size (gradients and the eval loss double under torchrun on 2 processes).
         average_tokens_across_devices=False,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=train_set,
-                      data_collator=collator or DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+    kind = Trainer if distill is None else _DistillTrainer
+    trainer = kind(model=model, args=targs, train_dataset=train_set,
+                   data_collator=collator or DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+    if distill is not None:
+        trainer.distill = distill
     # BERT-style forwards take **kwargs, so Trainer assumes the model divides its loss by the
     # token count it passes and skips the 1/grad_accum scaling; these heads take per-example means
     # and ignore it, which would sum (not average) gradients over accumulation steps.
@@ -484,11 +551,17 @@ def run_glue(
     progress: ProgressFn | None = None,
     verify: bool = True,
     save_model: bool = False,
+    teacher: str | Path | None = None,
+    distill_weight: float = 0.5,
+    distill_temperature: float = 2.0,
 ) -> dict:
     """Fine-tune `model` on one GLUE task, score its dev set(s) and write `glue-<task>.json`.
 
     A re-run after an interruption resumes from the Trainer checkpoints in `output_dir`;
     `save_model` keeps the fine-tuned model in `output_dir/model` (see eval/finetuned.py).
+
+    `teacher`: a model fine-tuned on this task (a `--save-model` directory) whose outputs the
+    training also follows (see `Distill`), e.g. the dense model when `model` is its compressed copy.
 
     `model` is a name/path (an embedded name, HF id or dir, or an offcomp compressed dir: loaded
     with a fresh sequence-classification head) or an already-built classification model, in
@@ -515,8 +588,16 @@ def run_glue(
 
     train_set = encode(data.train, args.max_train_samples)
     eval_sets = {name: encode(split, args.max_eval_samples) for name, split in data.evals.items()}
-    trainer = make_trainer(loaded.model, loaded.tokenizer, train_set, out, args, device, progress)
+    distill = None
+    if teacher is not None:
+        t = load_teacher(teacher, loaded, spec, device, dtype, verify)
+        distill = Distill(t.model, distill_weight, distill_temperature, spec.is_regression,
+                          {k: t.info.get(k) for k in ("name", "sha256", "compressed")})
+    trainer = make_trainer(loaded.model, loaded.tokenizer, train_set, out, args, device, progress, distill=distill)
     hyper = {**dataclasses.asdict(args), "freeze_compressed": freeze_compressed}
+    if distill is not None:  # only then: a run without a teacher keeps the recipe older records have
+        hyper["distill"] = {"teacher": distill.source, "weight": distill_weight,
+                            "temperature": distill_temperature}
 
     def score() -> tuple[dict[str, float], dict[str, int]]:
         metrics: dict[str, float] = {}
