@@ -795,6 +795,38 @@ def squad(
     emit(rec, as_json, _metrics_table(f"SQuAD v1.1: {model}", rec))
 
 
+@app.command("eval-glue")
+@user_errors
+def eval_glue(
+    task: Annotated[str, typer.Option(help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli")],
+    model: Annotated[str, typer.Option("--model", "-m", help="a model fine-tuned on the task (finetune-glue "
+                                       "--save-model: OUT/model), or its compressed copy")],
+    data_dir: Annotated[Path | None, typer.Option(help="GLUE tsv folder (e.g. ../shared/data/glue); "
+                                                       "default: datasets `glue`")] = None,
+    out_dir: OutDir = Path("runs/glue"),
+    max_length: MaxLen = None,
+    batch_size: Annotated[int | None, typer.Option(help="evaluation batch size (default: the recipe's)")] = None,
+    max_eval_samples: MaxEval = None,
+    device: Device = "cpu",
+    no_verify: NoVerify = False,
+    as_json: Json = False,
+) -> None:
+    """Score a fine-tuned classifier's own head on a GLUE task's dev set(s), without training: what
+    compressing a fine-tuned model lost."""
+    import dataclasses
+
+    from .eval.glue import GLUE_DEFAULTS, run_glue
+
+    args = _finetune_args(GLUE_DEFAULTS, max_length=max_length, max_eval_samples=max_eval_samples)
+    if batch_size is not None:
+        args = dataclasses.replace(args, eval_batch_size=batch_size)
+    with rich_progress() as progress:
+        rec = run_glue(model, task, data_dir=data_dir, output_dir=out_dir, args=args, device=device,
+                       progress=progress, verify=not no_verify, train=False)
+    warn_contaminated(rec)
+    emit(rec, as_json, _metrics_table(f"{task}: {model}", rec))
+
+
 @app.command("eval-sts")
 @user_errors
 def eval_sts(

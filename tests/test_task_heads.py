@@ -208,3 +208,51 @@ def test_cli_distill_options_need_a_teacher(tmp_path):
                                  str(tmp_path / "o")])
     assert r.exit_code == 2 and "give its --teacher" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_glue_scores_a_fine_tuned_head_without_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from offcomp.cli import app
+
+    data = write_sst2(tmp_path / "glue", n_train=16, n_dev=12)
+    args = FinetuneArgs(batch_size=4, grad_accum=1, max_steps=4, eval_batch_size=8, max_length=32, logging_steps=1,
+                        checkpoint_steps=0)
+    base = tmp_path / "bert"
+    tiny_classifier().bert.save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    ft = run_glue(str(base), "sst2", data_dir=data, output_dir=tmp_path / "ft", args=args, save_model=True)
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval-glue", "--task", "sst2", "-m", ft["saved_model"], "--data-dir", str(data),
+                            "--out", str(tmp_path / "ev"), "--max-length", "32", "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "ev" / "glue-sst2.json").read_text())
+    assert rec["metrics"] == pytest.approx(ft["metrics"])  # the same head on the same dev set
+    assert rec["hyperparameters"] == {"trained": False, "max_length": 32, "eval_batch_size": 64,
+                                      "max_eval_samples": None}
+    assert "train" not in rec and sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["glue-sst2.json",
+                                                                                           "results.jsonl"]
+    # a model without its trained head has nothing to score: one line, exit 2, nothing written
+    r = runner.invoke(app, ["eval-glue", "--task", "sst2", "-m", str(base), "--data-dir", str(data),
+                            "--out", str(tmp_path / "no")])
+    assert r.exit_code == 2 and "no trained classification head" in r.output
+    assert not (tmp_path / "no" / "glue-sst2.json").exists()
+
+
+def test_a_score_of_a_compressed_classifier_carries_its_compression(tmp_path, classifier_dir):
+    """The record alone (checkpoint deleted, no manifest beside it) gives `report` the method and
+    budget; before, GLUE records leaned on the checkpoint still being where it was scored."""
+    import shutil
+
+    from offcomp.pipeline import compress_model, quick_plan
+    from offcomp.report import report_tables
+
+    comp = tmp_path / "c"
+    compress_model(str(classifier_dir), quick_plan("bert", "svd", ratio=0.7), comp)
+    data = write_sst2(tmp_path / "glue", n_train=8, n_dev=12)
+    args = FinetuneArgs(max_length=32, eval_batch_size=8)
+    rec = run_glue(str(comp), "sst2", data_dir=data, output_dir=tmp_path / "runs" / "ev", args=args, train=False)
+    assert rec["compression"]["method"] == "svd" and rec["compression"]["budget"] == "ratio 0.7"
+    shutil.rmtree(comp)
+    (row,) = report_tables(tmp_path / "runs")[0].rows
+    assert (row["method"], row["budget"]) == ("svd", "ratio 0.7")

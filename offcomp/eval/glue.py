@@ -329,9 +329,12 @@ def model_fields(loaded: Loaded, total_params: int, scored: tuple[Path, ...] = (
     """Model identity and sizes in the shape `offcomp report` reads from result records, plus the
     calibration data of the model and whether the `scored` files overlap it (offcomp.hygiene)."""
     from offcomp.hygiene import contamination
+    from offcomp.report import compression_summary
 
     rec: dict[str, Any] = {"model": loaded.info, **contamination(loaded.manifest, files=scored)}
     rep = (loaded.manifest or {}).get("report")
+    if loaded.manifest:  # the record alone says what was compressed and how, wherever the checkpoint goes
+        rec["compression"] = compression_summary(loaded.manifest)
     if rep:
         rec.update(params_before=rep.get("params_before"), params_after=rep.get("params_after"),
                    methods=sorted({u["method"] for u in rep.get("units", [])}),
@@ -536,6 +539,53 @@ def write_record(trainer: Trainer | None, path: Path, record: dict) -> None:
 # ----------------------------------------------------------------------------------------------- run
 
 
+def score_glue(trainer: Trainer, task: str,
+               eval_sets: dict[str, list[dict]]) -> tuple[dict[str, float], dict[str, int]]:
+    """The task's metrics (and eval loss) on every eval split, and how many examples each scored."""
+    metrics: dict[str, float] = {}
+    n_scored = {}
+    for name, ds in eval_sets.items():
+        pred = trainer.predict(ds, metric_key_prefix=name)
+        n_scored[name] = len(pred.label_ids)  # after the cross-process gather: must equal n_eval
+        scores = glue_metrics(task, pred.predictions, pred.label_ids)
+        prefix = "" if name == "dev" else f"{name}_"
+        metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
+        metrics[f"{prefix}eval_loss"] = float(pred.metrics.get(f"{name}_loss", float("nan")))
+    return metrics, n_scored
+
+
+def _score_only(loaded: Loaded, spec: TaskSpec, data: GlueData, out: Path, args: FinetuneArgs,
+                params: dict[str, int], device: str, dtype: torch.dtype, progress: ProgressFn | None,
+                t_start: float) -> dict:
+    """`run_glue(train=False)`: score the model's own head on the dev split(s) and write the record."""
+    eval_sets = {name: tokenize_pairs(loaded.tokenizer, _head(split, args.max_eval_samples), args.max_length,
+                                      spec.is_regression) for name, split in data.evals.items()}
+    trainer = make_trainer(loaded.model, loaded.tokenizer, None, out,
+                           dataclasses.replace(args, checkpoint_steps=0), device, progress)
+    metrics, n_scored = score_glue(trainer, spec.name, eval_sets)
+    record = {
+        "type": "glue",
+        "task": spec.name,
+        "metric_names": list(GLUE_METRICS[spec.name]),
+        "metrics": metrics,
+        "pre_metrics": {},
+        "head_at_start": "trained",
+        **model_fields(loaded, params["total"], scored_files(data.source)),
+        "data": {"name": f"glue/{spec.name}", "split": "+".join(data.evals), **data.source,
+                 "n_eval": {k: len(v) for k, v in eval_sets.items()}, "n_scored": n_scored,
+                 "max_eval_samples": args.max_eval_samples},
+        # the settings that shape a score without training: scores of one task share a table
+        "hyperparameters": {"trained": False, "max_length": args.max_length, "eval_batch_size": args.eval_batch_size,
+                            "max_eval_samples": args.max_eval_samples},
+        "params": {**params, "frozen_compressed": 0},
+        "world_size": world_size(),
+        "seconds": time.perf_counter() - t_start,
+        **environment(device, dtype),
+    }
+    write_record(trainer, out / f"glue-{spec.name}.json", record)
+    return record
+
+
 def run_glue(
     model: str | nn.Module,
     task: str,
@@ -554,8 +604,14 @@ def run_glue(
     teacher: str | Path | None = None,
     distill_weight: float = 0.5,
     distill_temperature: float = 2.0,
+    train: bool = True,
 ) -> dict:
     """Fine-tune `model` on one GLUE task, score its dev set(s) and write `glue-<task>.json`.
+
+    `train=False` only scores a model that already has its trained head for the task (a
+    `--save-model` directory, or one compressed after fine-tuning): the record's recipe is then
+    the scoring settings alone (max length, eval batch size, eval samples), so every such score of
+    one task shares a table.
 
     A re-run after an interruption resumes from the Trainer checkpoints in `output_dir`;
     `save_model` keeps the fine-tuned model in `output_dir/model` (see eval/finetuned.py).
@@ -586,6 +642,16 @@ def run_glue(
     def encode(split: dict[str, list], n: int | None) -> list[dict]:
         return tokenize_pairs(loaded.tokenizer, _head(split, n), args.max_length, spec.is_regression)
 
+    # A checkpoint saved with its own classifier (a fine-tuned model, or one compressed after
+    # fine-tuning) is scored before training too: what compression lost, before recovery
+    own_head = default_head(loaded.model.config) == "sequence-classification"
+    if not train:
+        if not own_head:
+            raise OffcompError(f"{model} has no trained classification head to score ({spec.name}); fine-tune it "
+                               "first (offcomp finetune-glue --save-model) and score OUT/model, or compress that")
+        if teacher is not None or save_model or freeze_compressed:
+            raise OffcompError("teacher, save_model and freeze_compressed shape training: scoring alone takes none")
+        return _score_only(loaded, spec, data, out, args, params, device, dtype, progress, t_start)
     train_set = encode(data.train, args.max_train_samples)
     eval_sets = {name: encode(split, args.max_eval_samples) for name, split in data.evals.items()}
     distill = None
@@ -600,20 +666,8 @@ def run_glue(
                             "temperature": distill_temperature}
 
     def score() -> tuple[dict[str, float], dict[str, int]]:
-        metrics: dict[str, float] = {}
-        n_scored = {}
-        for name, ds in eval_sets.items():
-            pred = trainer.predict(ds, metric_key_prefix=name)
-            n_scored[name] = len(pred.label_ids)  # after the cross-process gather: must equal n_eval
-            scores = glue_metrics(spec.name, pred.predictions, pred.label_ids)
-            prefix = "" if name == "dev" else f"{name}_"
-            metrics.update({f"{prefix}{k}": v for k, v in scores.items()})
-            metrics[f"{prefix}eval_loss"] = float(pred.metrics.get(f"{name}_loss", float("nan")))
-        return metrics, n_scored
+        return score_glue(trainer, spec.name, eval_sets)
 
-    # A checkpoint saved with its own classifier (a fine-tuned model, or one compressed after
-    # fine-tuning) is scored before training too: what compression lost, before recovery
-    own_head = default_head(loaded.model.config) == "sequence-classification"
     if own_head and not pre_metrics:
         pre_metrics = score()[0]
 
