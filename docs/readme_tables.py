@@ -14,18 +14,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-MARKER = re.compile(r"<!-- report:(\S+) -->\n(?:(?:(?!<!-- report:).)*?<!-- /report -->\n)?", re.S)
+# `<!-- report:DIR -->`, or with report options: `<!-- report:DIR --metric f1 -->`
+MARKER = re.compile(r"<!-- report:(\S+)((?: --\S+ \S+)*) -->\n(?:(?:(?!<!-- report:).)*?<!-- /report -->\n)?", re.S)
 
 
-def report_md(root: str) -> str:
-    """`offcomp report ROOT --format md`, run by this interpreter, headings one level down."""
-    out = subprocess.run([sys.executable, "-m", "offcomp.cli", "report", root, "--format", "md"],
+def report_md(root: str, options: tuple[str, ...] = ()) -> str:
+    """`offcomp report ROOT --format md [OPTIONS]`, run by this interpreter, headings one level down."""
+    out = subprocess.run([sys.executable, "-m", "offcomp.cli", "report", root, "--format", "md", *options],
                          capture_output=True, text=True, check=True).stdout
     return re.sub(r"^### ", "#### ", out.strip(), flags=re.M)
 
 
 def fill(text: str) -> str:
-    return MARKER.sub(lambda m: f"<!-- report:{m.group(1)} -->\n{report_md(m.group(1))}\n<!-- /report -->\n", text)
+    def table(m: re.Match) -> str:
+        opts = tuple(m.group(2).split())
+        body = report_md(m.group(1), opts) if opts else report_md(m.group(1))
+        return f"<!-- report:{m.group(1)}{m.group(2)} -->\n{body}\n<!-- /report -->\n"
+
+    return MARKER.sub(table, text)
 
 
 def main() -> None:

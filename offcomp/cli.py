@@ -500,12 +500,14 @@ def report(
     wide: Annotated[bool, typer.Option("--wide", help="terminal: every column, however wide")] = False,
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="also write one PNG per table (metric vs kept parameters) to this directory")] = None,
+    metric: Annotated[list[str] | None, typer.Option(
+        help="only this metric's tables (repeat for several), e.g. f1")] = None,
 ) -> None:
     """One comparison table per evaluation of the runs under a directory."""
     from .report import report_tables
 
     warnings: list[str] = []
-    tables = report_tables(root, warnings)
+    tables = report_tables(root, warnings, metric)
     for w in warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if fmt == "table":

@@ -502,6 +502,16 @@ def fmt_value(key: str, kind: str, v: Any) -> str:
     return fmt_cell(v)
 
 
-def report_tables(root: str | Path, warnings: list[str] | None = None) -> list[ReportTable]:
-    """What `offcomp report ROOT` shows: the comparison tables of every run under `root`."""
-    return build_tables(collect(root, warnings))
+def report_tables(root: str | Path, warnings: list[str] | None = None,
+                  metrics: list[str] | None = None) -> list[ReportTable]:
+    """What `offcomp report ROOT` shows: the comparison tables of every run under `root`; with
+    `metrics`, only the tables of those metrics (e.g. MRPC's F1 without its accuracy)."""
+    rows = collect(root, warnings)
+    if metrics:
+        known = {r["metric"] for r in rows if r["record_type"] != "checkpoint"}
+        unknown = [m for m in metrics if m not in known]
+        if unknown:
+            raise OffcompError(f"no run under {root} has the metric {unknown[0]!r}; its runs have: "
+                               f"{', '.join(sorted(known)) or 'none'}")
+        rows = [r for r in rows if r["metric"] in metrics]
+    return build_tables(rows)

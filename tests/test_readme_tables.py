@@ -30,3 +30,11 @@ def test_a_stale_table_is_replaced_not_kept(tool):
     text = "<!-- report:runs/a -->\n| old numbers |\n<!-- /report -->\n\nprose\n"
     out = tool.fill(text)
     assert "old numbers" not in out and "| runs/a |" in out and out.endswith("\n\nprose\n")
+
+
+def test_a_marker_passes_its_report_options_and_keeps_them(tool, monkeypatch):
+    monkeypatch.setattr(tool, "report_md", lambda root, opts=(): f"| {root} {' '.join(opts)} |")
+    text = "<!-- report:runs/a --metric f1 -->\n<!-- report:runs/b -->\n"
+    once = tool.fill(text)
+    assert "| runs/a --metric f1 |" in once and "| runs/b  |" in once
+    assert once.startswith("<!-- report:runs/a --metric f1 -->\n") and tool.fill(once) == once

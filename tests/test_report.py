@@ -303,3 +303,13 @@ def test_scores_before_fine_tuning_get_their_own_column_only_where_recorded(runs
     # tables without such a record keep their columns
     plain = [t for t in tables if t.title.startswith("mrpc") and t not in with_before]
     assert plain and all("before" not in " ".join(h for _, h, _ in t.columns) for t in plain)
+
+
+def test_metric_filter_keeps_only_that_metrics_tables(runs):
+    from offcomp.errors import OffcompError
+
+    tables = report_tables(runs, metrics=["f1"])
+    assert [t.metric for t in tables] == ["f1"]
+    assert {t.metric for t in report_tables(runs, metrics=["f1", "ppl"])} == {"f1", "ppl"}
+    with pytest.raises(OffcompError, match="no run under .* has the metric 'F1'; its runs have: accuracy, f1, ppl"):
+        report_tables(runs, metrics=["F1"])
