@@ -223,7 +223,15 @@ def load_lazy(name: str, *, trust_remote_code: bool = False) -> tuple[Any, LazyC
     Only local safetensors directories (or embedded names) read lazily."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .models import HEADS, ModelBundle, default_head, head_kind, refuse_orphan_factors, resolve
+    from .models import (
+        HEADS,
+        ModelBundle,
+        default_head,
+        head_kind,
+        refuse_orphan_factors,
+        refuse_unkept_head,
+        resolve,
+    )
 
     src = resolve(name)
     if not Path(src).is_dir():
@@ -236,6 +244,7 @@ def load_lazy(name: str, *, trust_remote_code: bool = False) -> tuple[Any, LazyC
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise OffcompError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    refuse_unkept_head(config, name)
     head = default_head(config)
     model = empty_model(config, HEADS[head], trust_remote_code)
     bad = unexpected_keys(model, source)

@@ -217,6 +217,27 @@ def default_head(config: Any) -> str:
     return "base"
 
 
+# Task heads offcomp does not rebuild: loading such a checkpoint as the bare model would silently
+# drop its trained head, so loading it with its own head ("auto") is refused instead.
+_UNKEPT_HEADS = ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",
+                 "MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES")
+
+
+def refuse_unkept_head(config: Any, name: str) -> None:
+    """Raise if the checkpoint was saved with a task head that offcomp would drop."""
+    from transformers.models.auto import modeling_auto
+
+    if default_head(config) != "base":
+        return
+    for arch in getattr(config, "architectures", None) or []:
+        for mapping in _UNKEPT_HEADS:
+            if arch in set(getattr(modeling_auto, mapping, {}).values()):
+                raise OffcompError(
+                    f"{name} was saved as {arch}, a head offcomp does not keep (it keeps causal and masked LM, "
+                    "sequence classification and question answering heads); loaded as the bare model it would "
+                    "lose that head: save its base model (model.base_model.save_pretrained) and use that")
+
+
 def head_kind(head: str, config: Any) -> str:
     """How the model reads text: "causal" (a decoder: calibration on the plain token stream),
     "masked" (an MLM head), or "encoder" (any other head of a bidirectional model)."""
@@ -266,7 +287,9 @@ def load_model(
     refuse_orphan_factors(source)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        head = default_head(config) if head == "auto" else head
+        if head == "auto":
+            refuse_unkept_head(config, name)
+            head = default_head(config)
         kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
         if num_labels is not None:
             kwargs["num_labels"] = num_labels

@@ -84,14 +84,23 @@ def test_fisher_is_refused_without_a_language_model_loss(tmp_path, classifier_di
         run_capture(str(classifier_dir), str(text), "validation", CaptureSpec(samples=2, seq_len=16, fisher=True))
 
 
-def test_glue_scores_a_trained_head_before_training(tmp_path):
+QUICK = FinetuneArgs(batch_size=4, grad_accum=1, max_steps=4, eval_batch_size=8, max_length=32, logging_steps=1,
+                     checkpoint_steps=0)
+
+
+def _fine_tuned(tmp_path):
+    """SST-2 data, a base encoder directory, and the record of its quick fine-tune (--save-model)."""
     data = write_sst2(tmp_path / "glue", n_train=16, n_dev=12)
-    args = FinetuneArgs(batch_size=4, grad_accum=1, max_steps=4, eval_batch_size=8, max_length=32, logging_steps=1,
-                        checkpoint_steps=0)
     base = tmp_path / "bert"
     tiny_classifier().bert.save_pretrained(base)
     tokenizer().save_pretrained(base)
-    first = run_glue(str(base), "sst2", data_dir=data, output_dir=tmp_path / "a", args=args, save_model=True)
+    return data, base, run_glue(str(base), "sst2", data_dir=data, output_dir=tmp_path / "a", args=QUICK,
+                                save_model=True)
+
+
+def test_glue_scores_a_trained_head_before_training(tmp_path):
+    data, _, first = _fine_tuned(tmp_path)
+    args = QUICK
     assert first["head_at_start"] == "new" and first["pre_metrics"] == {}  # a random head is not scored
     again = run_glue(first["saved_model"], "sst2", data_dir=data, output_dir=tmp_path / "b", args=args)
     assert again["head_at_start"] == "trained"
@@ -215,13 +224,7 @@ def test_eval_glue_scores_a_fine_tuned_head_without_training(tmp_path):
 
     from offcomp.cli import app
 
-    data = write_sst2(tmp_path / "glue", n_train=16, n_dev=12)
-    args = FinetuneArgs(batch_size=4, grad_accum=1, max_steps=4, eval_batch_size=8, max_length=32, logging_steps=1,
-                        checkpoint_steps=0)
-    base = tmp_path / "bert"
-    tiny_classifier().bert.save_pretrained(base)
-    tokenizer().save_pretrained(base)
-    ft = run_glue(str(base), "sst2", data_dir=data, output_dir=tmp_path / "ft", args=args, save_model=True)
+    data, base, ft = _fine_tuned(tmp_path)
     runner = CliRunner()
     r = runner.invoke(app, ["eval-glue", "--task", "sst2", "-m", ft["saved_model"], "--data-dir", str(data),
                             "--out", str(tmp_path / "ev"), "--max-length", "32", "--json"])
@@ -256,3 +259,24 @@ def test_a_score_of_a_compressed_classifier_carries_its_compression(tmp_path, cl
     shutil.rmtree(comp)
     (row,) = report_tables(tmp_path / "runs")[0].rows
     assert (row["method"], row["budget"]) == ("svd", "ratio 0.7")
+
+
+@pytest.mark.parametrize("pipeline", ["global", "sequential"])
+def test_a_head_offcomp_cannot_keep_is_refused_not_dropped(tmp_path, pipeline):
+    """Before: a BertForTokenClassification compressed into a bare BertModel, its head silently gone
+    (global pipeline), or failed on 'tensors the architecture does not have' (sequential)."""
+    from transformers import BertForTokenClassification
+
+    from offcomp.pipeline import compress_model, quick_plan
+    from tests.finetune_torchrun import tiny_config
+
+    src = tmp_path / "tok"
+    BertForTokenClassification(tiny_config(num_labels=5)).save_pretrained(src)
+    tokenizer().save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(PROSE)
+    calib = {"data": str(text), "split": "validation", "samples": 2, "seq_len": 16, "seed": 0}
+    with pytest.raises(OffcompError, match="saved as BertForTokenClassification, a head offcomp does not keep"):
+        compress_model(str(src), quick_plan("bert", "svd-llm", ratio=0.7), tmp_path / "out", calib=calib,
+                       pipeline=pipeline)
+    assert not (tmp_path / "out").exists()
