@@ -105,7 +105,9 @@ def main(out: Path) -> None:
     from offcomp.eval.glue import FinetuneArgs, run_glue
     from offcomp.eval.squad import SQUAD_DEFAULTS, run_squad
 
-    data = write_sst2(out / "data")  # every rank writes identical bytes; harmless
+    # each rank its own copy: one rank rewriting the file while the other reads it made the other
+    # read a truncated train.tsv now and then (rank 1 died before DDP started)
+    data = write_sst2(out / "data" / f"rank-{os.environ.get('RANK', '0')}")
     args = FinetuneArgs(batch_size=4, grad_accum=1, epochs=1, eval_batch_size=4, max_length=32)
     run_glue(tiny_classifier(), "sst2", tokenizer=tokenizer(), data_dir=data, output_dir=out, args=args)
     dev = squad_json(out / "data" / f"squad-{os.environ.get('RANK', '0')}.json")
