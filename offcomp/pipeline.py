@@ -232,7 +232,7 @@ def compress_model(
             windows = calibration_windows_for(bundle.tokenizer, plan.modular.samples, **calib)  # type: ignore[arg-type]
             modular = modular_train(teacher, bundle.model, windows, plan.modular, device=dev,  # type: ignore[arg-type]
                                     seed=seed, progress=progress, log=notes.append, resume=store)
-            modular["data"] = {k: calib[k] for k in ("data", "split", "seq_len", "seed")}  # type: ignore[index]
+            modular["data"] = _modular_data(calib, text)  # type: ignore[arg-type]
             del teacher
         bundle.model.to("cpu")
         manifest = _manifest(bundle, plan, plan_source, seed, report, calibration, allocation, validation, modular,
@@ -335,7 +335,7 @@ def compress_model_sequential(
             write_block=None if writer is None else (lambda i, layer: writer.write(f"block-{i:05d}", layer,
                                                                                  f"{prefix}.{i}")))
         if modular is not None and calib is not None:
-            modular["data"] = {k: calib[k] for k in ("data", "split", "seq_len", "seed")}
+            modular["data"] = _modular_data(calib, text)
         if store is not None:
             manifest = _manifest(bundle, plan, plan_source, seed, report, calibration, allocation, None, modular,
                                  notes)
@@ -409,6 +409,13 @@ def _head_skeleton(config: Any, trust_remote_code: bool) -> Any:
         return empty_model(config, HEADS[default_head(config)], trust_remote_code)
     except (ValueError, KeyError, OSError):
         return None
+
+
+def _modular_data(calib: dict[str, Any], text: Any) -> dict[str, Any]:
+    """The text modular training read, with the split it really was (a file is its own split,
+    "file", whatever --calib-split said)."""
+    return {"data": calib["data"], "split": getattr(text, "split", calib["split"]), "seq_len": calib["seq_len"],
+            "seed": calib["seed"]}
 
 
 def _text_sha256(source: dict[str, Any] | None) -> str | None:

@@ -156,3 +156,19 @@ def test_modular_mode_from_the_cli(tmp_path, bert_tokenizer, monkeypatch):
     assert ok.exit_code == 0, ok.output
     mod = json.loads((tmp_path / "y" / "offcomp.json").read_text())["modular"]
     assert mod["config"]["mode"] == "sequential" and [b["block"] for b in mod["blocks"]] == ["layers.0", "layers.1"]
+
+
+@pytest.mark.parametrize("pipeline", ["global", "sequential"])
+def test_modular_training_on_a_file_records_the_split_it_read(tmp_path, bert_tokenizer, pipeline):
+    """A file is its own split: the manifest said "validation" (the --calib-split default) for the
+    modular training while its calibration, on the same file, said "file"."""
+    from offcomp.pipeline import compress_model, quick_plan
+
+    d = tmp_path / "llama"
+    save_model_dir(tiny_llama(vocab_size=len(bert_tokenizer)), bert_tokenizer, d)
+    text = tmp_path / "calib.txt"
+    text.write_text("Explicit is better than implicit. Simple is better than complex. " * 200)
+    calib = {"data": str(text), "split": "validation", "samples": 4, "seq_len": 32, "seed": 0}
+    manifest = compress_model(str(d), quick_plan("llama", "svd-llm", ratio=0.5, modular={"epochs": 1}),
+                              tmp_path / "out", calib=calib, pipeline=pipeline)
+    assert manifest["modular"]["data"]["split"] == "file" == manifest["calibration"]["data"]["split"]
