@@ -101,6 +101,12 @@ def llama_dir(tmp_path_factory, bert_tokenizer):
     (["--plan", "decoder-ratio-0.8"], True),  # a shipped plan, by name
     (["--method", "prune", "--ratio", "0.8"], False),  # magnitude pruning: nothing measured to claim at 80 %
     (["--method", "prune", "--ratio", "0.5"], True),  # ... at 50 %: 25 -> 575 measured
+    # structured, data-free (magnitude scores): 10 % of the FFN neurons -> 21,818 measured; before,
+    # it was judged by the unstructured threshold (50 %) and never warned
+    (["--method", "prune-structured", "--ratio", "0.9", "--joint", "--modules", "mlp.gate", "--modules", "mlp.up",
+      "--modules", "mlp.down"], True),
+    (["--method", "prune-structured", "--ratio", "0.95", "--joint", "--modules", "mlp.gate", "--modules",
+      "mlp.up", "--modules", "mlp.down"], False),
 ])
 def test_data_free_warning_on_decoders(llama_dir, args, warned):
     res = CliRunner().invoke(app, ["compress", "--model", str(llama_dir), *args, "--dry-run"])
