@@ -300,6 +300,12 @@ def load_model(
     except RuntimeError as e:
         if "ignore_mismatched_sizes" not in str(e):
             raise
+        stored = getattr(config, "num_labels", None)
+        if num_labels is not None and stored is not None and stored != num_labels:
+            # a trained head of another task (a 3-label MNLI classifier asked for MRPC's 2 labels)
+            raise OffcompError(f"cannot load model {name!r} with a {num_labels}-label head: its saved head "
+                               f"({(getattr(config, 'architectures', None) or ['?'])[0]}) has {stored} labels; "
+                               "use a model fine-tuned on this task, or its base model") from None
         # e.g. an offcomp checkpoint whose config.json lost its quantization_config: the empty
         # dense-weight markers do not fit the architecture
         raise OffcompError(f"cannot load model {name!r}: its weights do not fit the architecture (size mismatch); "

@@ -280,3 +280,14 @@ def test_a_head_offcomp_cannot_keep_is_refused_not_dropped(tmp_path, pipeline):
         compress_model(str(src), quick_plan("bert", "svd-llm", ratio=0.7), tmp_path / "out", calib=calib,
                        pipeline=pipeline)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_classifier_of_another_task_is_refused_by_its_label_count(tmp_path):
+    """Before: "its weights do not fit the architecture ... needs its quantization_config", a message
+    about damaged offcomp checkpoints, for a plain 3-label classifier asked for 2 labels."""
+    data = write_sst2(tmp_path / "glue", n_train=8, n_dev=4)
+    three = tmp_path / "mnli-like"
+    tiny_classifier(num_labels=3).save_pretrained(three)
+    tokenizer().save_pretrained(three)
+    with pytest.raises(OffcompError, match=r"2-label head: its saved head \(BertForSequenceClassification\) has 3"):
+        run_glue(str(three), "sst2", data_dir=data, output_dir=tmp_path / "o", args=QUICK, train=False)
