@@ -481,7 +481,7 @@ def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | N
     `verify=False` (the weights' hash is the bundle's identity, so it is computed only once)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .models import HEADS, ModelBundle, file_sha256, head_kind
+    from .models import HEADS, ModelBundle, file_sha256, head_kind, label_mismatch
 
     path = Path(path)
     manifest = read_manifest(path, verify)
@@ -521,6 +521,8 @@ def load_compressed(path: str | Path, *, head: str = "auto", num_labels: int | N
     except SafetensorError as e:
         raise OffcompError(f"{path / WEIGHTS} is not a readable safetensors file ({str(e)[:120]}); {REMAKE}") from None
     except (RuntimeError, ValueError, OSError) as e:
+        if "ignore_mismatched_sizes" in str(e) and (other_task := label_mismatch(config, num_labels, str(path))):
+            raise other_task from None
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "size mismatch" in ln or "offcomp" in ln), lines[0] if lines else "")
         raise OffcompError(f"{path}/{WEIGHTS} does not match its manifest ({detail[:160]}); {REMAKE}") from None

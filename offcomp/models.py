@@ -300,12 +300,9 @@ def load_model(
     except RuntimeError as e:
         if "ignore_mismatched_sizes" not in str(e):
             raise
-        stored = getattr(config, "num_labels", None)
-        if num_labels is not None and stored is not None and stored != num_labels:
-            # a trained head of another task (a 3-label MNLI classifier asked for MRPC's 2 labels)
-            raise OffcompError(f"cannot load model {name!r} with a {num_labels}-label head: its saved head "
-                               f"({(getattr(config, 'architectures', None) or ['?'])[0]}) has {stored} labels; "
-                               "use a model fine-tuned on this task, or its base model") from None
+        other_task = label_mismatch(config, num_labels, name)
+        if other_task is not None:
+            raise other_task from None
         # e.g. an offcomp checkpoint whose config.json lost its quantization_config: the empty
         # dense-weight markers do not fit the architecture
         raise OffcompError(f"cannot load model {name!r}: its weights do not fit the architecture (size mismatch); "
@@ -315,6 +312,17 @@ def load_model(
     sha = state_dict_sha256(model, skip=set(info.get("missing_keys", [])), stored_name=checkpoint_names(source, model))
     model.eval().to(device=device, dtype=dtype)
     return ModelBundle(model, tokenizer, name, source, sha, head_kind(head, config), head)
+
+
+def label_mismatch(config: Any, num_labels: int | None, name: str) -> OffcompError | None:
+    """The error for a size mismatch that is a trained head of another task (a 3-label MNLI
+    classifier asked for MRPC's 2 labels), or None when the label counts agree."""
+    stored = getattr(config, "num_labels", None)
+    if num_labels is None or stored is None or stored == num_labels:
+        return None
+    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    return OffcompError(f"cannot load model {name!r} with a {num_labels}-label head: its saved head ({arch}) has "
+                        f"{stored} labels; use a model fine-tuned on this task, or its base model")
 
 
 # Base-model modules a checkpoint may lack and that are then freshly initialised on purpose: BERT's

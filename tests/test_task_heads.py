@@ -247,11 +247,9 @@ def test_a_score_of_a_compressed_classifier_carries_its_compression(tmp_path, cl
     budget; before, GLUE records leaned on the checkpoint still being where it was scored."""
     import shutil
 
-    from offcomp.pipeline import compress_model, quick_plan
     from offcomp.report import report_tables
 
-    comp = tmp_path / "c"
-    compress_model(str(classifier_dir), quick_plan("bert", "svd", ratio=0.7), comp)
+    comp = _compressed(classifier_dir, tmp_path / "c")
     data = write_sst2(tmp_path / "glue", n_train=8, n_dev=12)
     args = FinetuneArgs(max_length=32, eval_batch_size=8)
     rec = run_glue(str(comp), "sst2", data_dir=data, output_dir=tmp_path / "runs" / "ev", args=args, train=False)
@@ -289,5 +287,13 @@ def test_a_classifier_of_another_task_is_refused_by_its_label_count(tmp_path):
     three = tmp_path / "mnli-like"
     tiny_classifier(num_labels=3).save_pretrained(three)
     tokenizer().save_pretrained(three)
-    with pytest.raises(OffcompError, match=r"2-label head: its saved head \(BertForSequenceClassification\) has 3"):
-        run_glue(str(three), "sst2", data_dir=data, output_dir=tmp_path / "o", args=QUICK, train=False)
+    for model in (three, _compressed(three, tmp_path / "c")):  # compressed: "does not match its manifest"
+        with pytest.raises(OffcompError, match=r"2-label head: its saved head \(BertForSequenceClassification\) has 3"):
+            run_glue(str(model), "sst2", data_dir=data, output_dir=tmp_path / "o", args=QUICK, train=False)
+
+
+def _compressed(src, out):
+    from offcomp.pipeline import compress_model, quick_plan
+
+    compress_model(str(src), quick_plan("bert", "svd", ratio=0.7), out)
+    return out
