@@ -14,7 +14,11 @@ e_u(r) is the tail energy Σ_{k>r} σ_k² of the unit's weighted spectrum, by `c
     weight    σ(W) relative to ‖W‖²: data-free
 Each extra rank of a unit lowers e_u by σ_{r+1}², non-increasing in r, so taking the best marginal
 gain per stored parameter greedily (all unit steps sorted by gain/cost) is optimal up to the last
-step. Works for any method whose only hyper-parameter is a rank with stored = rank · cost (the
+step. A unit may also stay **dense**: for its whole tail e_u(r), at the cost of the rest of its
+original parameters. Factors at the break-even rank store as much as the matrix and still drop its
+tail; a GQA key/value projection (192 × 576 in smollm2) breaks even at rank 143 of 192, so the last
+49 ranks are cheaper to keep by not factoring at all. Dense units leave the plan.
+Works for any method whose only hyper-parameter is a rank with stored = rank · cost (the
 low-rank family); others must keep their own budget. The result is a concrete plan (rank budgets)
 plus a record for the manifest.
 """
@@ -55,7 +59,9 @@ class _Unit:
     per_rank: int
     max_rank: int
     energy: torch.Tensor  # σ_k² of the weighted matrix, normalised by the criterion, descending
+    original: int = 0  # parameters of the unit's matrices, what staying dense stores
     rank: int = 0
+    dense: bool = False  # left uncompressed: cheaper than the last ranks (see the module doc)
 
 
 def stat_keys(plan: Plan) -> set[str]:
@@ -163,7 +169,7 @@ def allocate_plan(
         else:
             weights = [module_view(model, n).weight for n in names]
             energy = unit_energy(weights, names, alloc.criterion, stats, g.label, log)
-        units.append(_Unit(g.index, g.label, names, shapes, g.group.joint, per_rank, max_rank, energy))
+        units.append(_Unit(g.index, g.label, names, shapes, g.group.joint, per_rank, max_rank, energy, original))
     budget = int(alloc.ratio * total_original) - fixed_stored
     spent = sum(alloc.min_rank * u.per_rank for u in units)
     if spent > budget:
@@ -171,19 +177,34 @@ def allocate_plan(
                            f"{alloc.min_rank} everywhere ({spent:,}); raise the ratio or lower min_rank")
     for u in units:
         u.rank = alloc.min_rank
-    # Max-heap of each unit's next step by gain per stored parameter; a unit whose next step no
-    # longer fits is closed (its later steps gain less, so skipping one and taking a later is never better).
-    heap = [(-_gain(u), i) for i, u in enumerate(units) if u.rank < u.max_rank]
-    heapq.heapify(heap)
-    while heap:
-        neg, i = heapq.heappop(heap)
+    # Max-heap of steps by gain per stored parameter: each unit's next rank, and staying dense from
+    # its current rank (an entry made at another rank is stale). A rank step that no longer fits
+    # closes the unit's rank steps (its later steps gain less, so skipping one and taking a later is
+    # never better); its dense step may still fit and stays in the heap.
+    heap: list[tuple[float, int, int, bool]] = []
+
+    def push(i: int) -> None:
         u = units[i]
-        if -neg <= 0 or spent + u.per_rank > budget:
-            continue
-        u.rank += 1
-        spent += u.per_rank
         if u.rank < u.max_rank:
-            heapq.heappush(heap, (-_gain(u), i))
+            heapq.heappush(heap, (-_gain(u), i, u.rank, False))
+        heapq.heappush(heap, (-_tail(u, u.rank) / _dense_cost(u), i, u.rank, True))
+
+    for i in range(len(units)):
+        push(i)
+    while heap:
+        neg, i, at, dense = heapq.heappop(heap)
+        u = units[i]
+        if u.dense or at != u.rank or -neg <= 0:
+            continue
+        cost = _dense_cost(u) if dense else u.per_rank
+        if spent + cost > budget:
+            continue
+        spent += cost
+        if dense:
+            u.dense = True
+        else:
+            u.rank += 1
+            push(i)
     progress("allocate: spectra", len(units), len(units))
     return AllocationResult(_concrete_plan(plan, units, structure), _record(alloc, units, budget, spent, fixed_stored,
                                                                   total_original))
@@ -195,6 +216,11 @@ def _gain(u: _Unit) -> float:
 
 def _tail(u: _Unit, rank: int) -> float:
     return float(u.energy[rank:].sum())
+
+
+def _dense_cost(u: _Unit) -> int:
+    """What keeping the unit dense adds to its factors at the current rank (at least 1)."""
+    return max(1, u.original - u.rank * u.per_rank)
 
 
 def _one_module(name: str, structure: Any) -> dict[str, Any]:
@@ -218,12 +244,14 @@ def _concrete_plan(plan: Plan, units: list[_Unit], structure: Any) -> Plan:
             continue
         label = g.name or f"group{i}"
         for u in mine:
+            if u.dense:  # stays as it is: not in the concrete plan
+                continue
             if u.joint:
                 groups.append(g.model_copy(update={"name": label, "rank": u.rank}))
             else:
                 groups.append(Group(name=label, **_one_module(u.names[0], structure), method=g.method,
                                     options=g.options, rank=u.rank))
-    return Plan(groups=groups)
+    return Plan(groups=groups)  # never empty: ratio < 1 cannot keep every free unit dense
 
 
 def _record(alloc: Any, units: list[_Unit], budget: int, spent: int, fixed: int, original: int) -> dict[str, Any]:
@@ -234,8 +262,10 @@ def _record(alloc: Any, units: list[_Unit], budget: int, spent: int, fixed: int,
         "ratio": alloc.ratio, "criterion": alloc.criterion, "min_rank": alloc.min_rank,
         "original_params": original, "fixed_stored_params": fixed, "budget_params": budget,
         "allocated_params": spent,
-        "estimated_error": sum(_tail(u, u.rank) for u in units),
+        "estimated_error": sum(0.0 if u.dense else _tail(u, u.rank) for u in units),
         "estimated_error_uniform": sum(_tail(u, uniform[id(u)]) for u in units),
-        "units": [{"label": u.label, "names": u.names, "rank": u.rank, "uniform_rank": uniform[id(u)],
-                   "max_rank": u.max_rank, "per_rank": u.per_rank, "est_error": _tail(u, u.rank)} for u in units],
+        "dense_units": sum(u.dense for u in units),
+        "units": [{"label": u.label, "names": u.names, "rank": None if u.dense else u.rank, "dense": u.dense,
+                   "uniform_rank": uniform[id(u)], "max_rank": u.max_rank, "per_rank": u.per_rank,
+                   "est_error": 0.0 if u.dense else _tail(u, u.rank)} for u in units],
     }

@@ -48,10 +48,18 @@ def test_greedy_is_optimal_and_budget_exact():
         W = torch.cat([model.get_submodule(n).weight.detach().double() for n in u["names"]])
         s2 = torch.linalg.svdvals(W).square()
         energies.append(s2 / s2.sum())
+    dense = 8192  # each matrix's own parameters: staying dense is the last option of every unit
+
+    def error(e, r):
+        return 0.0 if r == "dense" else float(e[r:].sum())
+
+    def cost(u, r):
+        return dense if r == "dense" else r * u["per_rank"]
+
     best = min(
-        (sum(float(e[r:].sum()) for e, r in zip(energies, ranks)), ranks)
-        for ranks in itertools.product(*(range(1, u["max_rank"] + 1) for u in units))
-        if sum(r * u["per_rank"] for r, u in zip(ranks, units)) <= rec["budget_params"]
+        (sum(error(e, r) for e, r in zip(energies, ranks)), ranks)
+        for ranks in itertools.product(*([*range(1, u["max_rank"] + 1), "dense"] for u in units))
+        if sum(cost(u, r) for r, u in zip(ranks, units)) <= rec["budget_params"]
     )
     assert rec["estimated_error"] == pytest.approx(best[0], rel=1e-9, abs=1e-12)
     assert rec["estimated_error"] <= rec["estimated_error_uniform"] + 1e-12
@@ -62,13 +70,15 @@ def test_greedy_is_optimal_and_budget_exact():
 def test_concrete_plan_compresses_to_the_global_budget():
     model = tiny_llama()
     res = allocate_plan(model, plan(ratio=0.4, modules=("attn.q", "attn.o", "mlp.up", "mlp.down")))
-    ranks = {u["names"][0]: u["rank"] for u in res.record["units"]}
+    units = res.record["units"]
+    ranks = {u["names"][0]: u["rank"] for u in units if not u["dense"]}
     assert len(set(ranks.values())) > 1  # not uniform
     report = offcomp.compress_(model, res.plan)
-    assert {u.names[0]: u.hyper["rank"] for u in report.units} == ranks
-    original = sum(u.original_params for u in report.units)
+    assert {u.names[0]: u.hyper["rank"] for u in report.units} == ranks  # dense units are not compressed
+    kept_dense = sum(u["per_rank"] * (u["max_rank"] + 1) for u in units if u["dense"])  # an upper bound
     stored = sum(u.stored_params for u in report.units)
-    assert stored == res.record["allocated_params"] <= 0.4 * original
+    assert stored <= res.record["allocated_params"] <= stored + kept_dense
+    assert res.record["allocated_params"] <= 0.4 * res.record["original_params"]
     assert all(u.budget == {"kind": "rank", "value": ranks[u.names[0]]} for u in report.units)
 
 
@@ -90,7 +100,27 @@ def test_joint_group_gets_one_rank():
     res = allocate_plan(model, p)
     joint = [g for g in res.plan.groups if g.joint]
     assert len(joint) == 1 and joint[0].rank == res.record["units"][0]["rank"]
-    assert len(res.plan.groups) == 3  # joint unit + one group per separate module
+    separate = [u for u in res.record["units"][1:] if not u["dense"]]
+    assert len(res.plan.groups) == 1 + len(separate)  # joint unit + one group per separate compressed module
+
+
+def test_a_unit_past_its_break_even_stays_dense():
+    """Factors at the break-even rank store as much as the matrix and still lose its tail. A matrix
+    with a flat spectrum (no low-rank structure, like a GQA key/value projection) is kept dense
+    when its last ranks would cost more than not factoring it; before, it got max_rank factors."""
+    model = tiny_llama(layers=1)
+    up, down = "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"
+    g = torch.Generator().manual_seed(0)
+    set_weight(model, up, torch.linalg.qr(torch.randn(128, 64, generator=g))[0] * 3)  # flat: σ all equal
+    set_weight(model, down, low_rank_plus_noise(64, 128, r=4, noise=1e-3, seed=1))
+    res = allocate_plan(model, plan(ratio=0.6))
+    by_name = {u["names"][0]: u for u in res.record["units"]}
+    assert by_name[up]["dense"] and by_name[up]["rank"] is None and by_name[up]["est_error"] == 0
+    assert not by_name[down]["dense"] and by_name[down]["rank"] >= 4
+    assert res.record["dense_units"] == 1 and res.record["allocated_params"] <= res.record["budget_params"]
+    report = offcomp.compress_(model, res.plan)
+    assert [u.names[0] for u in report.units] == [down]
+    assert isinstance(model.get_submodule(up), torch.nn.Linear)  # untouched
 
 
 def test_whitened_and_fisher_criteria_need_statistics():
