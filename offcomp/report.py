@@ -100,7 +100,11 @@ def compression_summary(manifest: dict[str, Any] | None) -> dict[str, Any] | Non
         labels = sorted({u.get("method", "?") for u in rep.get("units", [])})
     method = " + ".join(labels)
     if plan.get("allocate"):
-        method += f" +alloc({plan['allocate'].get('criterion', '?')})"  # spaces: a label the table can wrap
+        # units the allocation kept dense (not compressed at all): a different recipe from one that
+        # could only give every unit factors, so the label says how many
+        dense = (manifest.get("allocation") or {}).get("dense_units")
+        method += f" +alloc({plan['allocate'].get('criterion', '?')}"  # spaces: a label the table can wrap
+        method += f", {dense} dense)" if dense else ")"
     if plan.get("modular") or manifest.get("modular"):
         mode = (plan.get("modular") or {}).get("mode") or ((manifest.get("modular") or {}).get("config") or {}).get(
             "mode", "?")

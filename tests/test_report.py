@@ -313,3 +313,11 @@ def test_metric_filter_keeps_only_that_metrics_tables(runs):
     assert {t.metric for t in report_tables(runs, metrics=["f1", "ppl"])} == {"f1", "ppl"}
     with pytest.raises(OffcompError, match="no run under .* has the metric 'F1'; its runs have: accuracy, f1, ppl"):
         report_tables(runs, metrics=["F1"])
+
+
+def test_an_allocation_that_kept_units_dense_says_so_in_the_method():
+    alloc = {"ratio": 0.8, "criterion": "fisher"}
+    old = manifest("svd-llm", {}, allocate=alloc, calib=64)
+    new = {**manifest("svd-llm", {}, allocate=alloc, calib=64), "allocation": {"dense_units": 127}}
+    assert compression_summary(old)["method"] == "svd-llm +alloc(fisher)"
+    assert compression_summary(new)["method"] == "svd-llm +alloc(fisher, 127 dense)"
