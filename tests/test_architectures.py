@@ -616,13 +616,15 @@ def test_fisher_allocation_and_block_modular_training_on_other_architectures(mod
     if model_type == "gpt_neox":
         groups = [{"modules": [m for m in s.default_modules() if m != "attn.qkv"], "method": "svd-llm"},
                   {"modules": ["attn.k", "attn.v"], "method": "svd-llm"}]
-    res = allocate_plan(model, offcomp.parse_plan({"allocate": {"ratio": 0.5, "criterion": "fisher"},
+    # ratio 0.3: random weights have flat spectra, so at 0.5 the allocation keeps most units dense
+    res = allocate_plan(model, offcomp.parse_plan({"allocate": {"ratio": 0.3, "criterion": "fisher"},
                                                    "groups": groups}), stats)
     rec = res.record
     assert rec["criterion"] == "fisher" and rec["allocated_params"] <= rec["budget_params"]
     teacher = teacher_copy(model)
     report = offcomp.compress_(model, res.plan, stats=stats)
-    assert {n for u in report.units for n in u.names} == {n for u in rec["units"] for n in u["names"]}
+    # every unit the allocation factored is compressed; those it kept dense are not
+    assert {n for u in report.units for n in u.names} == {n for u in rec["units"] if not u["dense"] for n in u["names"]}
     # (allocated slices were re-selected by a regex of their name, which never selects a slice: regression)
     assert (model_type == "gpt_neox") == any(n in s.slices for u in report.units for n in u.names)
     windows = torch.randint(5, 128, (6, 16))
