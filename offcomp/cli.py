@@ -383,6 +383,10 @@ def compress(
                          f"weights {result['bytes']['weights_file']:,} bytes ({result['bytes']['dtype']})"
                          + (f"; sequential, {result['pipeline']['loop']} loop"
                             if (result.get("pipeline") or {}).get("pipeline") == "sequential" else ""))
+    dense = (result.get("allocation") or {}).get("dense_units")
+    if dense:  # not in the table: the allocation left them out of the plan
+        table.caption = (table.caption + "; " if table.caption else "") + \
+            f"allocation kept {dense} matri{'x' if dense == 1 else 'ces'} dense"
     emit(result, as_json, table)
 
 

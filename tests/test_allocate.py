@@ -175,3 +175,14 @@ def test_cli_allocate_with_on_the_fly_capture(tmp_path, bert_tokenizer, monkeypa
     bad = CliRunner().invoke(app, ["compress", "-m", str(d), "--method", "svd-llm", "--allocate", "0.5",
                                    "--calib-data", "embedded", "--calib-split", "test", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "refused" in bad.output
+
+
+def test_cli_says_how_many_matrices_the_allocation_kept_dense(llama_dir):
+    res = CliRunner().invoke(app, ["compress", "-m", str(llama_dir), "--method", "svd", "--allocate", "0.5",
+                                   "--allocate-criterion", "weight", "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    dense = json.loads(res.stdout)["allocation"]["dense_units"]
+    assert dense > 0  # random weights: flat spectra, cheaper to keep than to factor at the break-even rank
+    res = CliRunner().invoke(app, ["compress", "-m", str(llama_dir), "--method", "svd", "--allocate", "0.5",
+                                   "--allocate-criterion", "weight", "--dry-run"], env={"COLUMNS": "200"})
+    assert f"allocation kept {dense} matrices dense" in res.stdout
