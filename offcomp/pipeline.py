@@ -414,8 +414,8 @@ def _head_skeleton(config: Any, trust_remote_code: bool) -> Any:
 def _modular_data(calib: dict[str, Any], text: Any) -> dict[str, Any]:
     """The text modular training read, with the split it really was (a file is its own split,
     "file", whatever --calib-split said)."""
-    return {"data": calib["data"], "split": getattr(text, "split", calib["split"]), "seq_len": calib["seq_len"],
-            "seed": calib["seed"]}
+    return {"data": calib["data"], "split": getattr(text, "split", calib["split"]),
+            "sha256": getattr(text, "sha256", None), "seq_len": calib["seq_len"], "seed": calib["seed"]}
 
 
 def _text_sha256(source: dict[str, Any] | None) -> str | None:

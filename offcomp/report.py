@@ -248,6 +248,10 @@ def _row(rec: dict[str, Any], results_file: Path) -> list[dict[str, Any]]:
                          if comp and comp.get("original_params") else (None if compressed else 1.0)),
         "kept_model": round(after / before, 4) if before and after else None,
         "data": f"{data.get('name', '-')}:{data.get('split', '-')}",
+        # the evaluation's identity: its content hash where recorded (the same file reached by two
+        # path spellings, ../shared/... and /work/shared/..., is one evaluation), else its name
+        "data_key": (f"sha256 {json.dumps(data['sha256'], sort_keys=True)}:{data.get('split', '-')}"
+                     if data.get("sha256") else None),
         "calibration": (comp or {}).get("calibration"),
         "compress_s": _round((comp or {}).get("seconds") or rec.get("compress_seconds")),  # with modular training
         "eval_s": _round(seconds), "seconds": _round(seconds),
@@ -342,7 +346,19 @@ class ReportTable:
 
 
 def _calib_key(c: dict[str, Any] | None) -> str | None:
-    return None if c is None else json.dumps(c, sort_keys=True)
+    """Which calibration protocol, for grouping: a text with a content hash is that hash, whatever
+    path it was read from (the modular training's text, when it is the same path, likewise)."""
+    if c is None:
+        return None
+    c = dict(c)
+    if c.get("sha256"):
+        c["data"] = None
+        mod = c.get("modular")
+        # modular training reads the calibration text (compress passes it the same --calib-data);
+        # newer manifests also record its hash
+        if isinstance(mod, dict) and mod.get("sha256", c["sha256"]) == c["sha256"]:
+            c["modular"] = {**mod, "data": None, "sha256": None}
+    return json.dumps(c, sort_keys=True)
 
 
 def _describe(key: str, value: Any) -> str:
@@ -424,9 +440,10 @@ def build_tables(rows: list[dict[str, Any]]) -> list[ReportTable]:
     pending = [r for r in rows if r["record_type"] == "checkpoint"]
     for r in rows:
         if r["record_type"] != "checkpoint":
-            evals.setdefault((r["task"], r["metric"], r["data"], r["record_type"]), []).append(r)
+            evals.setdefault((r["task"], r["metric"], r.get("data_key") or r["data"], r["record_type"]), []).append(r)
     tables: list[ReportTable] = []
-    for ev, ev_rows in evals.items():
+    for key, ev_rows in evals.items():
+        ev = (key[0], key[1], ev_rows[0]["data"], key[3])  # titled by the first run's data name
         by_proto: dict[str, list[dict[str, Any]]] = {}
         for r in ev_rows:
             by_proto.setdefault(json.dumps(r["protocol"], sort_keys=True, default=str), []).append(r)
@@ -437,23 +454,27 @@ def build_tables(rows: list[dict[str, Any]]) -> list[ReportTable]:
         for i, prows in enumerate(protos):
             proto = prows[0]["protocol"]
             counts: dict[str, int] = {}
+            shown: dict[str, str] = {}  # key -> the first run's calibration as recorded (names kept)
             for r in prows:
                 if (k := _calib_key(r["calibration"])) is not None:
                     counts[k] = counts.get(k, 0) + 1
+                    shown.setdefault(k, json.dumps(r["calibration"], sort_keys=True))
             calibs = sorted(counts, key=lambda k: (-counts[k], k))  # the most used calibration first
             shared = [r for r in prows if r["calibration"] is None]  # dense and data-free: valid in every split
             for j, ck in enumerate(calibs or [None]):
                 trows = [dict(r) for r in shared] + [dict(r) for r in prows if _calib_key(r["calibration"]) == ck
                                                      and ck is not None]
                 t = ReportTable(title=_title(ev, proto, str(prows[0]["model"])), metric=ev[1],
-                                lower_is_better=direction_, protocol={**proto, "calibration": ck}, rows=trows,
+                                lower_is_better=direction_, protocol={**proto, "calibration": shown.get(ck)},
+                                rows=trows,
                                 evaluation=f"{ev[0]}:{ev[1]}:{ev[2]}")
                 if i > 0:
                     t.notes.append(f"separate table: not comparable with the first {ev[1]} table "
                                    f"({_diff(proto, main)})")
                 if j > 0:
                     t.notes.append("separate table: calibration protocol differs "
-                                   f"({_describe('calibration', ck)} vs {_describe('calibration', calibs[0])}); "
+                                   f"({_describe('calibration', shown[ck])} vs "
+                                   f"{_describe('calibration', shown[calibs[0]])}); "
                                    "dense and data-free rows repeated")
                 tables.append(_finish(t))
     if pending:

@@ -172,3 +172,4 @@ def test_modular_training_on_a_file_records_the_split_it_read(tmp_path, bert_tok
     manifest = compress_model(str(d), quick_plan("llama", "svd-llm", ratio=0.5, modular={"epochs": 1}),
                               tmp_path / "out", calib=calib, pipeline=pipeline)
     assert manifest["modular"]["data"]["split"] == "file" == manifest["calibration"]["data"]["split"]
+    assert manifest["modular"]["data"]["sha256"] == manifest["calibration"]["data"]["sha256"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from offcomp.report import build_tables, collect, compression_summary, report_tables
+from offcomp.report import build_tables, collect, compression_summary, protocol_line, report_tables
 from offcomp.report_plot import plot_tables
 from offcomp.report_render import render
 
@@ -274,7 +274,8 @@ def test_calibration_note_names_the_modular_training():
     cal = {"data": "wiki.valid.raw", "split": "file", "sha256": "6" * 64, "samples": 8, "seq_len": 1024, "seed": 0}
     mod = {**cal, "modular": {"data": "wiki.valid.raw", "split": "validation", "seq_len": 1024, "seed": 0,
                               "samples": None}}
-    plain, trained = _describe("calibration", _calib_key(cal)), _describe("calibration", _calib_key(mod))
+    assert _calib_key(cal) != _calib_key(mod)
+    plain, trained = _describe("calibration", json.dumps(cal)), _describe("calibration", json.dumps(mod))
     assert plain != trained and trained.startswith(plain)
     assert "modular training on wiki.valid.raw:validation all×1024" in trained
 
@@ -321,3 +322,24 @@ def test_an_allocation_that_kept_units_dense_says_so_in_the_method():
     new = {**manifest("svd-llm", {}, allocate=alloc, calib=64), "allocation": {"dense_units": 127}}
     assert compression_summary(old)["method"] == "svd-llm +alloc(fisher)"
     assert compression_summary(new)["method"] == "svd-llm +alloc(fisher, 127 dense)"
+
+
+def test_one_file_reached_by_two_paths_is_one_evaluation_and_one_calibration(tmp_path):
+    """Before: a run scored on ../shared/…/wiki.test.raw and one on /work/shared/…/wiki.test.raw
+    (the same bytes) got two tables, the second "without a dense baseline"; calibration likewise."""
+    def cal(path):  # the manifest's calibration names the resolved path, the modular section the typed one
+        return {"data": path, "split": "file", "sha256": VALID, "samples": 64, "seq_len": 1024, "seed": 0,
+                "modular": {"data": "./" + path, "split": "file", "seq_len": 1024, "seed": 0, "samples": 16}}
+
+    for name, path, ppl, kept in (("a", "/abs/wiki.valid.raw", 40.0, 0.8), ("b", "../rel/wiki.valid.raw", 41.0, 0.8)):
+        man = manifest("svd-llm", {"ratio": kept}, calib=64)
+        rec = ppl_record(ppl, man=man, source=name)
+        rec["data"]["name"] = "/abs/wiki.test.raw" if name == "a" else "../rel/wiki.test.raw"
+        rec["compression"] = {**compression_summary(man), "calibration": cal(path)}
+        write_run(tmp_path, name, [rec])
+    dense = ppl_record(25.0)
+    dense["data"]["name"] = "../rel/wiki.test.raw"
+    write_run(tmp_path, "dense", [dense])
+    tables = build_tables(collect(tmp_path))
+    assert len(tables) == 1 and [r["value"] for r in tables[0].rows] == [25.0, 40.0, 41.0]
+    assert "/abs/wiki.valid.raw" in protocol_line(tables[0])  # described by the first run's own path
