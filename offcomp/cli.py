@@ -759,9 +759,9 @@ def finetune_glue(
     with rich_progress() as progress:
         rec = run_glue(model, task, data_dir=data_dir, output_dir=out_dir, args=args,
                        freeze_compressed=freeze_compressed, device=device, progress=progress, verify=not no_verify,
-                       save_model=save_model, teacher=teacher, distill_weight=0.5 if distill_weight is None
-                       else distill_weight, distill_temperature=2.0 if distill_temperature is None
-                       else distill_temperature)
+                       save_model=save_model, teacher=teacher,
+                       **{k: v for k, v in (("distill_weight", distill_weight),
+                                            ("distill_temperature", distill_temperature)) if v is not None})
     warn_contaminated(rec)
     emit(rec, as_json, _metrics_table(f"{task}: {model}", rec))
 

@@ -194,12 +194,9 @@ def default_head(config: Any) -> str:
     maps to a causal or masked LM, sequence classification or question answering, or a name ending
     like one); without architectures, the model type's only LM head kind; otherwise the bare model."""
     from transformers.models.auto import modeling_auto
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
 
-    causal, masked = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()), set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+    causal = set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    masked = set(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
     archs = getattr(config, "architectures", None) or []
     if any(a in causal or a.endswith(_CAUSAL_SUFFIXES) for a in archs):
         return "causal-lm"
@@ -209,12 +206,20 @@ def default_head(config: Any) -> str:
         names = set(getattr(modeling_auto, mapping).values())
         if any(a in names or a.endswith(suffix) for a in archs):
             return head
-    if not archs:
-        mt = getattr(config, "model_type", None)
-        is_causal, is_masked = mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-        if is_causal != is_masked:
-            return "causal-lm" if is_causal else "masked-lm"
-    return "base"
+    return (None if archs else _lm_family(config)) or "base"
+
+
+def _lm_family(config: Any) -> str | None:
+    """The model type's only LM head kind ("causal-lm" for LLaMA, "masked-lm" for DistilBERT), or
+    None when it has both (BERT) or neither."""
+    from transformers.models.auto import modeling_auto
+
+    mt = getattr(config, "model_type", None)
+    is_causal = mt in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    is_masked = mt in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if is_causal == is_masked:
+        return None
+    return "causal-lm" if is_causal else "masked-lm"
 
 
 # Task heads offcomp does not rebuild: loading such a checkpoint as the bare model would silently
@@ -241,20 +246,13 @@ def refuse_unkept_head(config: Any, name: str) -> None:
 def head_kind(head: str, config: Any) -> str:
     """How the model reads text: "causal" (a decoder: calibration on the plain token stream),
     "masked" (an MLM head), or "encoder" (any other head of a bidirectional model)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
     if head == "causal-lm":
         return "causal"
     if head == "masked-lm":
         return "masked"
     own = default_head(config)
     if own in _TASK_HEADS:  # a decoder's task head (LlamaForSequenceClassification): its family decides
-        mt = getattr(config, "model_type", None)
-        return "causal" if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES \
-            else "encoder"
+        own = _lm_family(config)
     return "causal" if own == "causal-lm" else "encoder"
 
 

@@ -453,17 +453,17 @@ def build_tables(rows: list[dict[str, Any]]) -> list[ReportTable]:
         direction_ = direction(ev[1])
         for i, prows in enumerate(protos):
             proto = prows[0]["protocol"]
+            keys = [_calib_key(r["calibration"]) for r in prows]
             counts: dict[str, int] = {}
             shown: dict[str, str] = {}  # key -> the first run's calibration as recorded (names kept)
-            for r in prows:
-                if (k := _calib_key(r["calibration"])) is not None:
+            for r, k in zip(prows, keys):
+                if k is not None:
                     counts[k] = counts.get(k, 0) + 1
                     shown.setdefault(k, json.dumps(r["calibration"], sort_keys=True))
             calibs = sorted(counts, key=lambda k: (-counts[k], k))  # the most used calibration first
             shared = [r for r in prows if r["calibration"] is None]  # dense and data-free: valid in every split
             for j, ck in enumerate(calibs or [None]):
-                trows = [dict(r) for r in shared] + [dict(r) for r in prows if _calib_key(r["calibration"]) == ck
-                                                     and ck is not None]
+                trows = [dict(r) for r in shared] + [dict(r) for r, k in zip(prows, keys) if k == ck and ck is not None]
                 t = ReportTable(title=_title(ev, proto, str(prows[0]["model"])), metric=ev[1],
                                 lower_is_better=direction_, protocol={**proto, "calibration": shown.get(ck)},
                                 rows=trows,

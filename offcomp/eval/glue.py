@@ -302,12 +302,10 @@ def load_teacher(name: str | Path, student: Loaded, spec: Any, device: str, dtyp
     task (a fresh head would teach noise) and read the student's tokens."""
     t = resolve_model(str(name), None, head="sequence-classification", num_labels=spec.num_labels, device=device,
                       dtype=dtype, verify=verify)
+    # (a head with another label count is already refused by the loader: models.label_mismatch)
     if default_head(t.model.config) != "sequence-classification":
         raise OffcompError(f"teacher {name} has no trained classification head: give a model fine-tuned on "
                            f"{spec.name} (finetune-glue --save-model DIR, then --teacher DIR/model)")
-    if getattr(t.model.config, "num_labels", None) != spec.num_labels:
-        raise OffcompError(f"teacher {name} has {t.model.config.num_labels} label(s); {spec.name} needs "
-                           f"{spec.num_labels}")
     if t.tokenizer.get_vocab() != student.tokenizer.get_vocab():
         raise OffcompError(f"teacher {name} uses another vocabulary than the student; distillation feeds both "
                            "the same token ids")
@@ -563,27 +561,36 @@ def _score_only(loaded: Loaded, spec: TaskSpec, data: GlueData, out: Path, args:
     trainer = make_trainer(loaded.model, loaded.tokenizer, None, out,
                            dataclasses.replace(args, checkpoint_steps=0), device, progress)
     metrics, n_scored = score_glue(trainer, spec.name, eval_sets)
-    record = {
+    # the settings that shape a score without training: scores of one task share a table
+    hyper = {"trained": False, "max_length": args.max_length, "eval_batch_size": args.eval_batch_size,
+             "max_eval_samples": args.max_eval_samples}
+    record = _glue_record(spec, loaded, data, eval_sets, metrics, n_scored, {}, True, hyper,
+                          {**params, "frozen_compressed": 0}, args.max_eval_samples)
+    record.update(world_size=world_size(), seconds=time.perf_counter() - t_start, **environment(device, dtype))
+    write_record(trainer, out / f"glue-{spec.name}.json", record)
+    return record
+
+
+def _glue_record(spec: TaskSpec, loaded: Loaded, data: GlueData, eval_sets: dict[str, list[dict]],
+                 metrics: dict[str, float], n_scored: dict[str, int], pre_metrics: dict | None, own_head: bool,
+                 hyper: dict[str, Any], params: dict[str, int], max_eval_samples: int | None,
+                 **train_data: Any) -> dict[str, Any]:
+    """The fields a GLUE record has whether the model trained or was only scored (`train_data`: the
+    training split's counts, in `data`)."""
+    return {
         "type": "glue",
         "task": spec.name,
         "metric_names": list(GLUE_METRICS[spec.name]),
         "metrics": metrics,
-        "pre_metrics": {},
-        "head_at_start": "trained",
+        "pre_metrics": dict(pre_metrics or {}),
+        "head_at_start": "trained" if own_head else "new",  # pre_metrics: scored before training
         **model_fields(loaded, params["total"], scored_files(data.source)),
-        "data": {"name": f"glue/{spec.name}", "split": "+".join(data.evals), **data.source,
+        "data": {"name": f"glue/{spec.name}", "split": "+".join(data.evals), **data.source, **train_data,
                  "n_eval": {k: len(v) for k, v in eval_sets.items()}, "n_scored": n_scored,
-                 "max_eval_samples": args.max_eval_samples},
-        # the settings that shape a score without training: scores of one task share a table
-        "hyperparameters": {"trained": False, "max_length": args.max_length, "eval_batch_size": args.eval_batch_size,
-                            "max_eval_samples": args.max_eval_samples},
-        "params": {**params, "frozen_compressed": 0},
-        "world_size": world_size(),
-        "seconds": time.perf_counter() - t_start,
-        **environment(device, dtype),
+                 "max_eval_samples": max_eval_samples},
+        "hyperparameters": hyper,
+        "params": params,
     }
-    write_record(trainer, out / f"glue-{spec.name}.json", record)
-    return record
 
 
 def run_glue(
@@ -665,11 +672,8 @@ def run_glue(
         hyper["distill"] = {"teacher": distill.source, "weight": distill_weight,
                             "temperature": distill_temperature}
 
-    def score() -> tuple[dict[str, float], dict[str, int]]:
-        return score_glue(trainer, spec.name, eval_sets)
-
     if own_head and not pre_metrics:
-        pre_metrics = score()[0]
+        pre_metrics = score_glue(trainer, spec.name, eval_sets)[0]
 
     t0 = time.perf_counter()
     train_out, resumed = finetuned.train(trainer, out, {"task": spec.name, "model": loaded.info.get("sha256"),
@@ -678,29 +682,13 @@ def run_glue(
     train_time = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    metrics, n_scored = score()
+    metrics, n_scored = score_glue(trainer, spec.name, eval_sets)
     eval_time = time.perf_counter() - t0
 
     record = {
-        "type": "glue",
-        "task": spec.name,
-        "metric_names": list(GLUE_METRICS[spec.name]),
-        "metrics": metrics,
-        "pre_metrics": dict(pre_metrics or {}),
-        "head_at_start": "trained" if own_head else "new",  # pre_metrics: scored before training
-        **model_fields(loaded, params["total"], scored_files(data.source)),
-        "data": {
-            "name": f"glue/{spec.name}",
-            "split": "+".join(data.evals),
-            **data.source,
-            "n_train": len(train_set),
-            "n_eval": {k: len(v) for k, v in eval_sets.items()},
-            "n_scored": n_scored,
-            "max_train_samples": args.max_train_samples,
-            "max_eval_samples": args.max_eval_samples,
-        },
-        "hyperparameters": hyper,
-        "params": {**params, "frozen_compressed": frozen},
+        **_glue_record(spec, loaded, data, eval_sets, metrics, n_scored, pre_metrics, own_head, hyper,
+                       {**params, "frozen_compressed": frozen}, args.max_eval_samples, n_train=len(train_set),
+                       max_train_samples=args.max_train_samples),
         **train_summary(trainer, train_out),
         "resumed_from": resumed and Path(resumed).name,
         "seconds": time.perf_counter() - t_start,
